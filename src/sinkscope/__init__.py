@@ -1,0 +1,3 @@
+"""sinkscope: find out how attention sinks form in transformer language models."""
+
+__version__ = "0.1.0"

