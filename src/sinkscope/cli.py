@@ -114,6 +114,8 @@ def run(args) -> int:
             raise UsageError(f"--max-prompts must be >= 1, not {args.max_prompts}")
         texts = texts[:args.max_prompts]
     t0 = time.time()
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # the weight-loading bar is noise here; our own bars stay
     lm = load_model(args.model, dtype=args.dtype, device=args.device, attn_implementation=args.attn_impl)
     print(f"[model] {args.model} ({lm.adapter.model_type}, {lm.n_layers} layers, {lm.dtype}, {lm.device}) "
           f"loaded in {time.time() - t0:.1f}s from {lm.source}", file=sys.stderr)

@@ -171,6 +171,18 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick look for the hub (DNS + TCP), so that an offline machine fails in seconds, not after retries."""
+    import socket
+    from urllib.parse import urlparse
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def _hub_error(name: str, err: Exception) -> ModelLoadError:
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
     return ModelLoadError(
@@ -188,8 +200,16 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str = "auto", device: str = "au
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     source = resolve_source(name)
+    local_only = False
+    if isinstance(source, str):  # a hub id: use the local HF cache if it has it, else the hub if reachable
+        try:
+            config = AutoConfig.from_pretrained(source, local_files_only=True)
+            local_only = True
+        except (OSError, ValueError):
+            if os.environ.get("HF_HUB_OFFLINE") == "1" or not _hub_reachable():
+                raise _hub_error(name, OSError("not in the local cache")) from None
     try:
-        config = AutoConfig.from_pretrained(source)
+        config = AutoConfig.from_pretrained(source, local_files_only=local_only)
     except (OSError, ValueError) as err:
         if isinstance(source, str):
             raise _hub_error(name, err) from None
@@ -199,8 +219,8 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str = "auto", device: str = "au
     if dev == "auto":
         kwargs["device_map"] = "auto"  # accelerate spreads a model larger than one GPU over all of them
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, local_files_only=local_only, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
     except OSError as err:
         if isinstance(source, str):
             raise _hub_error(name, err) from None
