@@ -187,3 +187,16 @@ def test_bad_sites_and_unsupported_architectures():
         get_adapter(Cfg())
     with pytest.raises(UnsupportedModelError, match="post-LN"):
         get_adapter(tiny_config("opt", do_layer_norm_before=False))
+
+
+def test_bf16_model_captures_in_fp32():
+    lm32 = tiny_model("llama")
+    lm16 = tiny_model("llama", dtype=torch.bfloat16)
+    batch = make_batches(tokenize(lm16.tokenizer, TEXTS), batch_size=3)[0]
+    caps = []
+    for lm in (lm32, lm16):
+        with Capture(lm, {"hook_mlp_out": [0, 1], "attn.hook_pattern": [0]}) as cap:
+            caps.append(cap.forward(batch))
+    for name, t in caps[1].items():
+        assert t.dtype == torch.float32, name
+        torch.testing.assert_close(t, caps[0][name], rtol=0.05, atol=0.02, equal_nan=True)

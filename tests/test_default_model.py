@@ -9,7 +9,7 @@ import pytest
 
 from sinkscope.experiments.decompose_output import run_decompose_output
 from sinkscope.experiments.scan import run_scan
-from sinkscope.model import builtin_gguf_path, cache_dir, load_model
+from sinkscope.model import builtin_gguf_path, cache_dir, load_model, resolve_source
 from sinkscope.prompts import read_prompt_file, tokenize
 from sinkscope.runner import RunContext
 
@@ -24,7 +24,8 @@ def prompts(default_lm):
 def test_default_model_is_the_embedded_gguf_and_loads_fast_from_the_cache(default_lm):
     assert builtin_gguf_path("smollm2-135m").name == "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert default_lm.adapter.model_type == "llama" and default_lm.n_layers == 30
-    assert any((cache_dir() / "smollm2-135m").glob("*.safetensors"))
+    folder = resolve_source("smollm2-135m")
+    assert folder.parent == cache_dir() and any(folder.glob("*.safetensors"))
     t0 = time.time()
     again = load_model("smollm2-135m", dtype="fp32", device="cpu")
     assert time.time() - t0 < 15  # the GGUF is parsed once; later loads read safetensors
@@ -77,3 +78,11 @@ def test_reference_command_line_on_the_default_model(tmp_path):
     row = next(l for l in proc.stdout.splitlines() if l.startswith("norm_mlp"))
     assert float(row.split()[1]) == pytest.approx(2.29e4, rel=0.02)
     assert (tmp_path / "decompose_output_L11.json").is_file()
+
+
+def test_gguf_file_path_form_loads_the_same_weights(default_lm):
+    gguf = builtin_gguf_path("smollm2-135m")
+    assert resolve_source(str(gguf)) == resolve_source("smollm2-135m")  # one conversion serves both forms
+    lm = load_model(str(gguf), dtype="fp32", device="cpu")
+    w1 = lm.layers[11].mlp.down_proj.weight
+    assert w1.dtype.is_floating_point and (w1 == default_lm.layers[11].mlp.down_proj.weight).all()

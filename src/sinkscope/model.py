@@ -131,8 +131,9 @@ def _gguf_key(path: Path) -> str:
 
 def resolve_source(name: str) -> Path | str:
     """Map `--model` to a loadable folder (converting GGUF once) or leave a hub id as is."""
-    if name in BUILTIN:
-        return _gguf_to_folder(builtin_gguf_path(name), name)
+    if name in BUILTIN:  # keyed like any .gguf path, so `--model <that file>` shares the one conversion
+        path = builtin_gguf_path(name)
+        return _gguf_to_folder(path, _gguf_key(path))
     p = Path(name).expanduser()
     if p.suffix == ".gguf":
         if not p.is_file():
