@@ -42,7 +42,7 @@ def heatmap_plot(result: ScanResult, path: Path) -> Path:
     fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, l in zip(axes.T.flat, result.layers):
+    for ax, l in zip(axes.flat, result.layers):  # row-major: L0..L7 on the first row
         ax.imshow(np.asarray(result.heatmaps[l]), cmap="viridis", vmin=0, vmax=1)
         ax.set_title(f"L{l} head {result.head}", fontsize=8)
         ax.axis("on")
