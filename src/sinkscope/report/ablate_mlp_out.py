@@ -1,0 +1,65 @@
+"""--ablate-mlp-out: the sink-attention table, ablate_mlp_out_{mode}_L{L}.json and the reference's plot
+ablate_mlp_out_ablate_{mode}_L{L}_token_{t}[_vec...]_L{L}.png."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..experiments.ablate_mlp_out import AblateMLPOutResult
+from ..fmt import format_table
+from .common import notes_text, progression_plot, write_json
+from .mlp_plots import columns
+
+RESULT = AblateMLPOutResult
+
+
+def series_payload(series: dict) -> dict:
+    return {name: None if s is None else {"mean": s.mean, "head_var": s.head_var, "n_prompts": s.n_prompts,
+                                          "mean_over_layers": s.mean_over_layers()}
+            for name, s in series.items()}
+
+
+def sink_plot(path: Path, layers, series: dict, key: int, title: str) -> Path:
+    data = {name: (s.mean, s.head_var) for name, s in series.items() if s is not None}
+    return progression_plot(path, layers, data, f"Attn(Q[q>=max(4,t+1)] -> K[{key}]) (var across heads)", title,
+                            "probability")
+
+
+def render(result: AblateMLPOutResult, outdir: Path, plots: bool) -> str:
+    r = result
+    t = r.sink_tok
+    lines = []
+    if r.mode == "magnitude":
+        a = r.alpha or {}
+        lines.append(f"[ablate-mlp-out] mode=magnitude L={r.layer}: m at tok{t} scaled to the norm of tok{r.ref_tok}'s, "
+                     f"per prompt, cap 1.0 (alpha mean {a.get('mean', float('nan')):.4g}, min "
+                     f"{a.get('min', float('nan')):.4g}, max {a.get('max', float('nan')):.4g}); layer_input_ablated "
+                     f"and random_control are N/A for magnitude (a rescaling removes no subspace)")
+    elif r.empty_message:
+        lines.append(f"[ablate-mlp-out] {r.empty_message}. Only the baseline was measured.")
+    else:
+        src = "--vec-idx" if r.dims_source == "vec-idx" else (f"top-energy at tok{t}, median mass "
+                                                            f"{r.te_median_mass:.4f}")
+        lines.append(f"[ablate-mlp-out] mode=direction L={r.layer}: span of {r.basis_space} {r.chosen_dims} ({src}), "
+                     f"rank {r.rank}, removed from tok{t}'s MLP output; random_control: a rank-{r.rank} subspace "
+                     f"orthogonal to it, seed {r.seed}")
+        lines.append(f"[check] after the edit, mean ||Q^T m|| / ||m|| at tok{t} = {r.residual_frac:.2e}")
+    lines.append(format_table(r.table.columns, r.table.rows, title=r.table.title))
+    lines.append(f"[counts] {r.n_measured} prompts measured (queries q >= max(4, t+1))")
+    payload = {
+        "layer": r.layer, "mode": r.mode, "model_type": r.model_type, "sink_tok": t, "ref_tok": r.ref_tok,
+        "layers": r.layers, "columns": r.table.columns, "table": r.table.as_dict(),
+        "series": series_payload(r.series), "chosen_dims": r.chosen_dims, "dims_source": r.dims_source,
+        "te_median_mass": r.te_median_mass, "te_candidates": r.te_candidates, "empty_message": r.empty_message,
+        "rank": r.rank, "seed": r.seed, "basis_space": r.basis_space, "Q": columns(r.Q), "R": columns(r.R),
+        "alpha": r.alpha, "residual_frac": r.residual_frac, "n_measured": r.n_measured, "notes": r.notes,
+    }
+    path = write_json(outdir / f"ablate_mlp_out_{r.mode}_L{r.layer}.json", payload)
+    saved = [path]
+    if plots:
+        name = f"ablate_mlp_out_ablate_{r.mode}_L{r.layer}_token_{t}{r.vec_suffix}_L{r.layer}.png"
+        saved.append(sink_plot(outdir / name, r.layers, r.series, t,
+                               f"Attention score before/after ablation={r.mode} | L={r.layer} | token={t}"))
+    lines.append(notes_text(r.notes))
+    lines.append("[saved] " + ", ".join(str(p) for p in saved))
+    return "\n".join(filter(None, lines))
