@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import decompose_output, scan
+from . import ablate_mlp_out, decompose_mlp_in, decompose_output, find_mlp_subspace, scan
 
 RENDERERS = {}
-for _mod in (scan, decompose_output):
+for _mod in (scan, decompose_output, find_mlp_subspace, ablate_mlp_out, decompose_mlp_in):
     RENDERERS[_mod.RESULT] = _mod
 
 
