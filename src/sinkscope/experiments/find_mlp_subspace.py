@@ -170,7 +170,7 @@ def run_find_mlp_subspace(ctx: RunContext, layer: int, sections=None, tokens=(0,
 
     by_tok = {t: valid_rows(z[:, i]) for i, t in enumerate(tokens)}
     choice: DimChoice = choose_dims(z[:, ti], vec_idx, te_k, te_mass, sink_tok, layer, mm.F)
-    cols = mm.W_down[:, choice.dims]
+    cols = mm.W_down[:, choice.dims].cpu()
     tables, section_notes, residual = [], [], None
     if "z" in sections:
         tables.append(_z_table(by_tok, mm, tokens, sink_tok, choice.dims, te_k, te_mass, layer))

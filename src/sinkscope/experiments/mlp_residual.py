@@ -84,7 +84,7 @@ def _rows(mm: MLPMath, dims: list[int]) -> dict[str, torch.Tensor]:
 
 def row_energy_shares(x_tok: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Mean over prompts of the per-dim share of (w_d x_d)^2 in sum_d (w_d x_d)^2 (the dot product w.x)."""
-    c = (x_tok.double() * w.double().view(1, -1)) ** 2
+    c = (x_tok.double() * w.to(x_tok.device).double().view(1, -1)) ** 2
     return (c / c.sum(-1, keepdim=True).clamp_min(stats.EPS)).mean(0)
 
 
