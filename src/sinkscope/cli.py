@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--head", type=int, default=0, help="head for --print heatmap")
     e.add_argument("--sink-idx", type=int, nargs="+", default=[0], help="key tokens t scanned")
     e.add_argument("--scan-interval", type=int, default=1, help="scan layers 0, i, 2i, ...")
-    e.add_argument("--tokens", type=int, nargs="+", default=[0, 1, 8], help="tokens for --decompose-output")
+    e.add_argument("--tokens", type=int, nargs="+", default=[0, 1, 8],
+                   help="tokens (table columns) for --decompose-output and --find-mlp-subspace")
     e.add_argument("--mlp", nargs="*", default=None, choices=("z", "g", "u", "residual"),
                    help="--find-mlp-subspace sections (default: all)")
     e.add_argument("--te-k", type=int, default=3, help="top-energy dims: k")
