@@ -1,13 +1,17 @@
 """`--decompose-output --layer L` (MODES.md section 2): norm and spread of the block output Y = r + a + m and of
-its three parts, per token, across prompts. Streamed: memory does not grow with the prompt count."""
+its three parts, per token, across prompts. Streamed: memory does not grow with the prompt count, and the
+sums stay on the model's device until the end."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+import torch
 
 from .. import stats
 from ..capture import Capture
-from ..runner import RunContext, valid_rows
+from ..runner import RunContext
 
 ROWS = ("norm_Y", "spread_Y", "norm_residual", "norm_attn", "norm_mlp", "spread_residual", "spread_attn",
         "spread_mlp")
@@ -30,24 +34,45 @@ def run_decompose_output(ctx: RunContext, layer: int, tokens=(0, 1, 8)) -> Decom
     tokens = [int(t) for t in tokens]
     short = ctx.check_tokens(tokens)
     D = ctx.lm.config.hidden_size
-    acc = {(part, t): stats.NormSpread(D) for part in PARTS for t in tokens}
+    dev = ctx.lm.device
     sites = {f"blocks.{layer}.{s}": tokens for s in ("hook_resid_pre", "hook_attn_out", "hook_mlp_out",
                                                      "hook_resid_post")}
-    mismatch = 0.0
+    # Streaming stats.NormSpread state for every (part, token) at once, on the model's device (float64):
+    # the number of rows, the sum of row norms and the sum of unit rows. One copy to the host at the end.
+    kw = dict(dtype=torch.float64, device=dev)
+    n = torch.zeros(len(PARTS), len(tokens), **kw)
+    norm_sum = torch.zeros(len(PARTS), len(tokens), **kw)
+    usum = torch.zeros(len(PARTS), len(tokens), D, **kw)
+    mismatch = torch.zeros((), dtype=torch.float32, device=dev)
     with Capture(ctx.lm, sites) as cap:
         for batch in ctx.iterate(f"decompose-output L{layer}"):
-            c = {k.split(".", 2)[2]: v.cpu() for k, v in cap.forward(batch).items()}
+            c = {k.split(".", 2)[2]: v.to(dev) for k, v in cap.forward(batch).items()}
             r, a, m = c["hook_resid_pre"], c["hook_attn_out"], c["hook_mlp_out"]
             y = r + a + m  # summed in fp32, as the reference does
-            mismatch = max(mismatch, float((y - c["hook_resid_post"]).nan_to_num().abs().max()))
-            parts = {"Y": y, "residual": r, "attn": a, "mlp": m}
-            for i, t in enumerate(tokens):
-                for part, x in parts.items():
-                    acc[(part, t)].update(valid_rows(x[:, i]))
+            mismatch = torch.maximum(mismatch, (y - c["hook_resid_post"]).nan_to_num().abs().max())
+            x = torch.stack([y, r, a, m]).double()                  # [4, B, T, D], in PARTS order
+            ok = ~torch.isnan(x).any(-1, keepdim=True)              # valid_rows: the prompt has token t
+            norms = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+            n += ok.sum(1).squeeze(-1)
+            norm_sum += torch.where(ok, norms, 0.0).sum(1).squeeze(-1)
+            usum += torch.where(ok, x / norms.clamp_min(stats.EPS), 0.0).sum(1)
+    n, norm_sum, usum = n.cpu(), norm_sum.cpu(), usum.cpu()
     values = {}
     for row in ROWS:
         kind, part = row.split("_", 1)
-        values[row] = [getattr(acc[(part, t)], kind)() for t in tokens]
+        pi = list(PARTS).index(part)
+        vals = []
+        for ti in range(len(tokens)):
+            cnt = int(n[pi, ti])
+            if kind == "norm":
+                vals.append(float(norm_sum[pi, ti]) / cnt if cnt else float("nan"))
+            elif cnt < 2:  # stats.NormSpread.spread, from the streamed sums
+                vals.append(0.0)
+            else:
+                ubar = usum[pi, ti] / cnt
+                vals.append(math.sqrt(max(0.0, 1.0 - float(ubar @ ubar)) / D))
+        values[row] = vals
+    n_prompts = [int(n[0, ti]) for ti in range(len(tokens))]
     return DecomposeOutputResult(
-        layer=layer, tokens=tokens, values=values, n_prompts=[acc[("Y", t)].n for t in tokens],
-        n_skipped=[short[t] for t in tokens], max_abs_y_mismatch=mismatch, notes=list(ctx.notes))
+        layer=layer, tokens=tokens, values=values, n_prompts=n_prompts,
+        n_skipped=[short[t] for t in tokens], max_abs_y_mismatch=float(mismatch), notes=list(ctx.notes))

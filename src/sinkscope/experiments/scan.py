@@ -1,5 +1,10 @@
 """`--scan` (MODES.md section 1): per layer and sink key t, how token t's K, V, MLP output and the attention
-it receives look across prompts. Everything is streamed batch by batch: memory does not grow with N."""
+it receives look across prompts. Everything is streamed batch by batch: memory does not grow with N.
+
+Speed: the hooks only shrink each layer's tensors to the sink positions (q to one mean unit query per sink,
+the attention to one mean per head and sink); after each batch, every layer's and sink's statistics are merged
+at once, with a few vectorised operations, into fixed-size accumulators on the model's device. Nothing is
+copied to the host until the end, so a GPU never waits on the CPU between batches."""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ import torch
 from .. import stats
 from ..capture import Capture
 from ..errors import UsageError
-from ..runner import RunContext, query_mask
+from ..runner import QUERY_START, RunContext, query_mask
 
 LOG_FLOOR = 1e-12
 
@@ -31,31 +36,62 @@ RECORD_KEYS = ("layer", "sink_idx", "k_norm", "v_norm", "cos", "sink_attn", "mlp
                "attn_out_log_norm", "resid_post_log_norm", "n_prompts")
 
 
-def _q_reducer(sinks: list[int]):
+def _batch_weights(batch, sinks: list[int], S: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per batch, once: W [B, T, S] fp32, the averaging weights over each sink's query set (1/count on the
+    queries of query_mask, 0 elsewhere), and ok [B, T] bool, the prompts that have sink t and a query for it."""
+    lengths = batch.lengths.detach().cpu()
+    m = torch.stack([query_mask(lengths, S, t) for t in sinks], dim=1).float()  # [B, T, S]
+    cnt = m.sum(-1, keepdim=True).clamp(min=1)
+    ok = torch.stack([lengths > max(QUERY_START, t + 1) for t in sinks], dim=1)
+    return (m / cnt).to(device), ok.to(device)
+
+
+class _BatchWeights:
+    """Caches _batch_weights per (batch, sequence length, device), so each hook reuses one copy."""
+
+    def __init__(self, sinks: list[int]):
+        self.sinks = sinks
+        self._batch = None
+        self._cache: dict = {}
+
+    def get(self, batch, S: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        if batch is not self._batch:
+            self._batch, self._cache = batch, {}
+        key = (S, str(device))
+        if key not in self._cache:
+            self._cache[key] = _batch_weights(batch, self.sinks, S, device)
+        return self._cache[key]
+
+
+def _weights(sinks_or_weights) -> _BatchWeights:
+    if isinstance(sinks_or_weights, _BatchWeights):
+        return sinks_or_weights
+    return _BatchWeights([int(t) for t in sinks_or_weights])
+
+
+def _q_reducer(sinks):
     """hook_q [B, S, H, d] -> [B, T, H, d]: per prompt, the mean unit query over each sink's query set.
-    cos(q, k_t) averaged over queries is then (mean unit query) . (unit k_t): q is never stored."""
+    cos(q, k_t) averaged over queries is then (mean unit query) . (unit k_t): q is never stored.
+    `sinks`: the sink list, or a _BatchWeights built from it (shared between reducers)."""
+    weights = _weights(sinks)
+
     def reduce(q: torch.Tensor, batch) -> torch.Tensor:
-        B, S = q.shape[:2]
-        qn = stats.unit(q)
-        out = []
-        for t in sinks:
-            m = query_mask(batch.lengths.to(q.device), S, t).to(qn.dtype)  # [B, S]
-            cnt = m.sum(1).clamp(min=1).view(B, 1, 1)
-            out.append((qn * m.view(B, S, 1, 1)).sum(1) / cnt)
-        return torch.stack(out, dim=1)
+        W, _ = weights.get(batch, q.shape[1], q.device)
+        qh = q.transpose(1, 2)                                                  # [B, H, S, d]
+        inv = 1.0 / torch.linalg.vector_norm(qh, dim=-1).clamp_min(stats.EPS)  # [B, H, S]
+        # sum_s W[b, t, s] * q[b, s, h] / |q[b, s, h]|, as one batched product; q is read twice, never copied
+        return torch.matmul(W.unsqueeze(1) * inv.unsqueeze(2), qh).transpose(1, 2)
     return reduce
 
 
-def _pattern_reducer(sinks: list[int]):
-    """hook_pattern [B, H, S, T] -> [B, H, T]: per prompt and head, the mean attention to key t over its queries."""
+def _pattern_reducer(sinks):
+    """hook_pattern [B, H, S, T] -> [B, H, T]: per prompt and head, the mean attention to key t over its queries.
+    `sinks`: the sink list, or a _BatchWeights built from it (shared between reducers)."""
+    weights = _weights(sinks)
+
     def reduce(p: torch.Tensor, batch) -> torch.Tensor:
-        B, H, S, T = p.shape
-        cols = []
-        for i, t in enumerate(sinks):
-            m = query_mask(batch.lengths.to(p.device), S, t).to(p.dtype)  # [B, S]
-            cnt = m.sum(1).clamp(min=1).view(B, 1)
-            cols.append((torch.nan_to_num(p[..., i]) * m.view(B, 1, S)).sum(-1) / cnt)
-        return torch.stack(cols, dim=-1)
+        W, _ = weights.get(batch, p.shape[2], p.device)
+        return torch.einsum("bhst,bts->bht", torch.nan_to_num(p), W)
     return reduce
 
 
@@ -65,47 +101,99 @@ def _heatmap_reducer(head: int, size: int):
     return reduce
 
 
-class _LayerSink:
-    """Streaming accumulators for one (layer, sink)."""
+def _merge_mean_var(mean: torch.Tensor, m2: torch.Tensor, n: torch.Tensor, x: torch.Tensor, ok: torch.Tensor,
+                    nb: torch.Tensor) -> None:
+    """Chan et al.'s merge (as stats.MeanVar) of the rows of x [L, B, T, *F] where ok [L, B, T], into
+    mean, m2 [L, T, *F] float64 in place; n, nb [L, T] are the counts before and in this batch."""
+    extra = x.dim() - 3
+    okx = ok.view(*ok.shape, *([1] * extra))
+    x64 = x.double()
+    nbx = nb.view(*nb.shape, *([1] * extra))
+    mb = torch.where(okx, x64, 0.0).sum(1) / nbx.clamp(min=1)
+    m2b = torch.where(okx, (x64 - mb.unsqueeze(1)) ** 2, 0.0).sum(1)
+    tot = (n + nb).view_as(nbx)
+    nx = n.view_as(nbx)
+    delta = mb - mean
+    mean += delta * (nbx / tot.clamp(min=1))
+    m2 += m2b + delta ** 2 * (nx * nbx / tot.clamp(min=1))
 
-    def __init__(self, H: int, d_head: int, D: int):
-        self.k_norm, self.v_norm = stats.MeanVar((H,)), stats.MeanVar((H,))
-        self.cos, self.attn = stats.MeanVar((H,)), stats.MeanVar((H,))
-        self.k_spread = [stats.NormSpread(d_head) for _ in range(H)]
-        self.v_spread = [stats.NormSpread(d_head) for _ in range(H)]
-        self.m_log, self.a_log, self.y_log = stats.MeanVar(), stats.MeanVar(), stats.MeanVar()
-        self.m_spread = stats.NormSpread(D)
 
-    def update(self, ok, k, v, cos, attn, m, a, y):
-        """ok [B] bool rows that have this token; k, v [B, H, d]; cos, attn [B, H]; m, a, y [B, D]."""
-        if not ok.any():
-            return
-        k, v, cos, attn, m, a, y = (x[ok] for x in (k, v, cos, attn, m, a, y))
-        self.k_norm.update(k.norm(dim=-1))
-        self.v_norm.update(v.norm(dim=-1))
-        self.cos.update(cos)
-        self.attn.update(attn)
-        for h in range(k.shape[1]):
-            self.k_spread[h].update(k[:, h])
-            self.v_spread[h].update(v[:, h])
-        log = lambda x: torch.log(x.norm(dim=-1).clamp(min=LOG_FLOOR))  # noqa: E731
-        self.m_log.update(log(m))
-        self.a_log.update(log(a))
-        self.y_log.update(log(y))
-        self.m_spread.update(m)
+def _unit_sum(x: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+    """Sum over the batch (dim 1) of the float64 unit vectors of x [L, B, T, ..., D] where ok [L, B, T]
+    (as stats.NormSpread: x / max(||x||, EPS), in float64)."""
+    x64 = x.double()
+    u = x64 / torch.linalg.vector_norm(x64, dim=-1, keepdim=True).clamp_min(stats.EPS)
+    okx = ok.view(*ok.shape, *([1] * (x.dim() - 3)))
+    return torch.where(okx, u, 0.0).sum(1)
 
-    def record(self, layer: int, sink: int) -> dict:
-        r = {"layer": layer, "sink_idx": sink, "n_prompts": self.m_log.n}
-        for key, acc in (("k_norm", self.k_norm), ("v_norm", self.v_norm), ("cos", self.cos), ("sink_attn", self.attn)):
-            r[key], r[f"{key}_head_var"] = stats.head_reduce(acc.mean().float())
-        for key, accs in (("k_spread", self.k_spread), ("v_spread", self.v_spread)):
-            r[key], r[f"{key}_head_var"] = stats.head_reduce(torch.tensor([s.spread() for s in accs]))
-        r["mlp_out_log_norm"] = float(self.m_log.mean())
-        r["mlp_out_log_norm_prompt_var"] = float(self.m_log.var())
-        r["mlp_out_spread"] = self.m_spread.spread()
-        r["attn_out_log_norm"] = float(self.a_log.mean())
-        r["resid_post_log_norm"] = float(self.y_log.mean())
-        return r
+
+class _ScanAccumulator:
+    """Streaming state of every (layer, sink) of the scan, on one device; its size is fixed by
+    (layers, sinks, heads, d_head, D), whatever the number of prompts or batches."""
+
+    HEAD_STATS = ("k_norm", "v_norm", "cos", "sink_attn")   # per head: mean and variance over prompts
+    LOG_STATS = ("mlp_out", "attn_out", "resid_post")       # log ||x[t]||: mean and variance over prompts
+
+    def __init__(self, L: int, T: int, H: int, d: int, D: int, device):
+        kw = dict(dtype=torch.float64, device=device)
+        self.n = torch.zeros(L, T, **kw)
+        self.h_mean, self.h_m2 = torch.zeros(4, L, T, H, **kw), torch.zeros(4, L, T, H, **kw)
+        self.log_mean, self.log_m2 = torch.zeros(3, L, T, **kw), torch.zeros(3, L, T, **kw)
+        self.kv_usum = torch.zeros(2, L, T, H, d, **kw)      # sums of unit k_h[t], v_h[t]
+        self.m_usum = torch.zeros(L, T, D, **kw)             # sum of unit m[t]
+        self.d, self.D = d, D
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
+
+    def update(self, ok, q_mean, k, v, p, m, a, y) -> None:
+        """ok [B, T]; q_mean, k, v [L, B, T, H, d]; p [L, B, H, T]; m, a, y [L, B, T, D] (fp32)."""
+        ok = ok.unsqueeze(0) & ~torch.isnan(k[..., 0, 0])  # [L, B, T]
+        nb = ok.sum(1).double()
+        cos = (q_mean * stats.unit(k)).sum(-1)
+        per_head = torch.stack([torch.linalg.vector_norm(k, dim=-1), torch.linalg.vector_norm(v, dim=-1), cos,
+                                p.transpose(2, 3)])                        # [4, L, B, T, H]
+        for i in range(4):
+            _merge_mean_var(self.h_mean[i], self.h_m2[i], self.n, per_head[i], ok, nb)
+        logs = torch.log(torch.linalg.vector_norm(torch.stack([m, a, y]), dim=-1).clamp(min=LOG_FLOOR))
+        for i in range(3):
+            _merge_mean_var(self.log_mean[i], self.log_m2[i], self.n, logs[i], ok, nb)
+        self.kv_usum[0] += _unit_sum(k, ok)
+        self.kv_usum[1] += _unit_sum(v, ok)
+        self.m_usum += _unit_sum(m, ok)
+        self.n += nb
+
+    def records(self, layers: list[int], sinks: list[int]) -> list[dict]:
+        s = {k: t.cpu() for k, t in self.state().items()}  # the one device-to-host copy
+        n = s["n"]
+
+        def spread(usum: torch.Tensor, cnt: torch.Tensor, dim: int) -> torch.Tensor:
+            # stats.NormSpread.spread: sqrt(max(0, 1 - |mean unit|^2) / dim), 0 for fewer than 2 rows
+            ubar = usum / cnt.clamp(min=1).view(*cnt.shape, *([1] * (usum.dim() - cnt.dim())))
+            val = torch.sqrt((1.0 - (ubar * ubar).sum(-1)).clamp(min=0.0) / dim)
+            return torch.where(cnt.view(*cnt.shape, *([1] * (val.dim() - cnt.dim()))) >= 2, val, 0.0)
+
+        kv_spread = spread(s["kv_usum"], n.unsqueeze(0).expand(2, *n.shape), self.d)   # [2, L, T, H]
+        m_spread = spread(s["m_usum"], n, self.D)                                      # [L, T]
+        nan = float("nan")
+        out = []
+        for li, layer in enumerate(layers):
+            for ti, t in enumerate(sinks):
+                cnt = int(n[li, ti])
+                r = {"layer": layer, "sink_idx": t, "n_prompts": cnt}
+                for i, key in enumerate(self.HEAD_STATS):
+                    mean = s["h_mean"][i, li, ti] if cnt else torch.full_like(s["h_mean"][i, li, ti], nan)
+                    r[key], r[f"{key}_head_var"] = stats.head_reduce(mean.float())
+                for i, key in enumerate(("k_spread", "v_spread")):
+                    r[key], r[f"{key}_head_var"] = stats.head_reduce(kv_spread[i, li, ti].float())
+                lm, lv = s["log_mean"][:, li, ti], s["log_m2"][:, li, ti] / cnt if cnt else None
+                r["mlp_out_log_norm"] = float(lm[0]) if cnt else nan
+                r["mlp_out_log_norm_prompt_var"] = float(lv[0]) if cnt else nan
+                r["mlp_out_spread"] = float(m_spread[li, ti])
+                r["attn_out_log_norm"] = float(lm[1]) if cnt else nan
+                r["resid_post_log_norm"] = float(lm[2]) if cnt else nan
+                out.append(r)
+        return out
 
 
 def run_scan(ctx: RunContext, sinks=(0,), interval: int = 1, heatmap_head: int | None = None) -> ScanResult:
@@ -118,17 +206,19 @@ def run_scan(ctx: RunContext, sinks=(0,), interval: int = 1, heatmap_head: int |
     cfg = lm.config
     H = cfg.num_attention_heads
     D = cfg.hidden_size
+    weights = _BatchWeights(sinks)
     sites = {"attn.hook_q": None, "attn.hook_k": sinks, "attn.hook_v": sinks, "attn.hook_pattern": sinks,
              "hook_mlp_out": sinks, "hook_attn_out": sinks, "hook_resid_post": sinks}
-    reduce = {"attn.hook_q": _q_reducer(sinks), "attn.hook_pattern": _pattern_reducer(sinks)}
+    reduce = {"attn.hook_q": _q_reducer(weights), "attn.hook_pattern": _pattern_reducer(weights)}
     min_len = min(ctx.prompts.lengths)
     if heatmap_head is not None:
         if not 0 <= heatmap_head < H:
             raise UsageError(f"--head {heatmap_head} is out of range: this model has heads 0..{H - 1}")
         sites = {"attn.hook_pattern": None}  # full maps only for the heatmap
         reduce = {"attn.hook_pattern": _heatmap_reducer(heatmap_head, min_len)}
-    acc: dict[tuple[int, int], _LayerSink] = {}
     heat = {l: torch.zeros(min_len, min_len, dtype=torch.float64) for l in layers}
+    acc: _ScanAccumulator | None = None
+    dev = lm.device
     with Capture(lm, sites, layers=layers, reduce=reduce) as cap:
         for batch in ctx.iterate("scan"):
             c = cap.forward(batch)
@@ -136,20 +226,18 @@ def run_scan(ctx: RunContext, sinks=(0,), interval: int = 1, heatmap_head: int |
                 for l in layers:
                     heat[l] += c[f"blocks.{l}.attn.hook_pattern"].double().cpu()
                 continue
-            for l in layers:
-                g = lambda s: c[f"blocks.{l}.{s}"].cpu()  # noqa: E731
-                q_mean, k, v, p = g("attn.hook_q"), g("attn.hook_k"), g("attn.hook_v"), g("attn.hook_pattern")
-                m, a, y = g("hook_mlp_out"), g("hook_attn_out"), g("hook_resid_post")
-                d_head = k.shape[-1]
-                for i, t in enumerate(sinks):
-                    key = (l, t)
-                    if key not in acc:
-                        acc[key] = _LayerSink(k.shape[2], d_head, D)
-                    ok = (batch.lengths > max(4, t + 1)) & ~torch.isnan(k[:, i, 0, 0])
-                    cos = (q_mean[:, i] * stats.unit(k[:, i])).sum(-1)  # [B, H]
-                    acc[key].update(ok, k[:, i], v[:, i], cos, p[..., i], m[:, i], a[:, i], y[:, i])
+
+            def stack(site: str) -> torch.Tensor:  # every layer's capture, on the accumulator's device
+                return torch.stack([c[f"blocks.{l}.{site}"].to(dev, non_blocking=True) for l in layers])
+
+            k = stack("attn.hook_k")                                     # [L, B, T, H, d]
+            if acc is None:
+                acc = _ScanAccumulator(len(layers), len(sinks), k.shape[3], k.shape[4], D, dev)
+            _, ok = weights.get(batch, batch.input_ids.shape[1], dev)
+            acc.update(ok, stack("attn.hook_q"), k, stack("attn.hook_v"), stack("attn.hook_pattern"),
+                       stack("hook_mlp_out"), stack("hook_attn_out"), stack("hook_resid_post"))
     if heatmap_head is not None:
         n = len(ctx.prompts)
         return ScanResult(layers, sinks, [], {l: (heat[l] / n).tolist() for l in layers}, heatmap_head, list(ctx.notes))
-    records = [acc[(l, t)].record(l, t) for l in layers for t in sinks]
+    records = acc.records(layers, sinks)
     return ScanResult(layers, sinks, records, notes=list(ctx.notes))
