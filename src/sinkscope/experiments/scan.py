@@ -196,6 +196,38 @@ class _ScanAccumulator:
         return out
 
 
+class _LayerBuffers:
+    """Per-batch [L, ...] buffers, allocated before the forward, that the hooks fill layer by layer (copy_).
+
+    Each hook's result is written into its layer's slot and the cache keeps a view of it, so nothing allocated
+    during the forward outlives its layer: on CPU, dozens of small tensors kept between the large per-layer
+    temporaries fragment the heap (about 1 GB of extra peak RSS at 4096 tokens). The statistics are then merged
+    straight from the buffers. Hooks of one site run in layer order, so a counter gives the slot."""
+
+    def __init__(self, n_layers: int, device):
+        self.L, self.device = n_layers, device
+        self.buf: dict[str, torch.Tensor] = {}
+        self.next: dict[str, int] = {}
+
+    def start(self, shapes: dict[str, tuple]) -> None:
+        self.buf = {site: torch.empty((self.L, *shape), device=self.device) for site, shape in shapes.items()}
+        self.next = {site: 0 for site in shapes}
+
+    def put(self, site: str, t: torch.Tensor) -> torch.Tensor:
+        i = self.next[site]
+        self.next[site] = i + 1
+        buf = self.buf.get(site)
+        if buf is None or tuple(buf.shape[1:]) != tuple(t.shape):  # a shape the config did not predict
+            buf = self.buf[site] = torch.empty((self.L, *t.shape), device=self.device)
+        buf[i].copy_(t, non_blocking=True)
+        return buf[i]
+
+    def writer(self, site: str, fn=None):
+        if fn is None:
+            return lambda t, batch: self.put(site, t)
+        return lambda t, batch: self.put(site, fn(t, batch))
+
+
 def run_scan(ctx: RunContext, sinks=(0,), interval: int = 1, heatmap_head: int | None = None) -> ScanResult:
     lm = ctx.lm
     sinks = sorted(set(int(t) for t in sinks))
@@ -206,36 +238,44 @@ def run_scan(ctx: RunContext, sinks=(0,), interval: int = 1, heatmap_head: int |
     cfg = lm.config
     H = cfg.num_attention_heads
     D = cfg.hidden_size
+    d = getattr(cfg, "head_dim", None) or D // H
+    T = len(sinks)
+    dev = lm.device
     weights = _BatchWeights(sinks)
+    bufs = _LayerBuffers(len(layers), dev)
     sites = {"attn.hook_q": None, "attn.hook_k": sinks, "attn.hook_v": sinks, "attn.hook_pattern": sinks,
              "hook_mlp_out": sinks, "hook_attn_out": sinks, "hook_resid_post": sinks}
-    reduce = {"attn.hook_q": _q_reducer(weights), "attn.hook_pattern": _pattern_reducer(weights)}
+    reduce = {site: bufs.writer(site) for site in sites}
+    reduce["attn.hook_q"] = bufs.writer("attn.hook_q", _q_reducer(weights))
+    reduce["attn.hook_pattern"] = bufs.writer("attn.hook_pattern", _pattern_reducer(weights))
     min_len = min(ctx.prompts.lengths)
     if heatmap_head is not None:
         if not 0 <= heatmap_head < H:
             raise UsageError(f"--head {heatmap_head} is out of range: this model has heads 0..{H - 1}")
         sites = {"attn.hook_pattern": None}  # full maps only for the heatmap
         reduce = {"attn.hook_pattern": _heatmap_reducer(heatmap_head, min_len)}
-    heat = {l: torch.zeros(min_len, min_len, dtype=torch.float64) for l in layers}
+    # [S, S] float64 sums per layer only for --print heatmap (they would be 4 GB for 30 layers at 4096 tokens)
+    heat = {l: torch.zeros(min_len, min_len, dtype=torch.float64) for l in layers} if heatmap_head is not None else {}
     acc: _ScanAccumulator | None = None
-    dev = lm.device
     with Capture(lm, sites, layers=layers, reduce=reduce) as cap:
         for batch in ctx.iterate("scan"):
-            c = cap.forward(batch)
             if heatmap_head is not None:
+                c = cap.forward(batch)
                 for l in layers:
                     heat[l] += c[f"blocks.{l}.attn.hook_pattern"].double().cpu()
                 continue
-
-            def stack(site: str) -> torch.Tensor:  # every layer's capture, on the accumulator's device
-                return torch.stack([c[f"blocks.{l}.{site}"].to(dev, non_blocking=True) for l in layers])
-
-            k = stack("attn.hook_k")                                     # [L, B, T, H, d]
+            B = batch.size
+            bufs.start({"attn.hook_q": (B, T, H, d), "attn.hook_k": (B, T, H, d), "attn.hook_v": (B, T, H, d),
+                        "attn.hook_pattern": (B, H, T), "hook_mlp_out": (B, T, D), "hook_attn_out": (B, T, D),
+                        "hook_resid_post": (B, T, D)})
+            cap.forward(batch)
+            b = bufs.buf                                                  # [L, B, ...] each
             if acc is None:
-                acc = _ScanAccumulator(len(layers), len(sinks), k.shape[3], k.shape[4], D, dev)
+                acc = _ScanAccumulator(len(layers), T, b["attn.hook_k"].shape[3], b["attn.hook_k"].shape[4], D, dev)
             _, ok = weights.get(batch, batch.input_ids.shape[1], dev)
-            acc.update(ok, stack("attn.hook_q"), k, stack("attn.hook_v"), stack("attn.hook_pattern"),
-                       stack("hook_mlp_out"), stack("hook_attn_out"), stack("hook_resid_post"))
+            acc.update(ok, b["attn.hook_q"], b["attn.hook_k"], b["attn.hook_v"], b["attn.hook_pattern"],
+                       b["hook_mlp_out"], b["hook_attn_out"], b["hook_resid_post"])
+            bufs.buf = {}
     if heatmap_head is not None:
         n = len(ctx.prompts)
         return ScanResult(layers, sinks, [], {l: (heat[l] / n).tolist() for l in layers}, heatmap_head, list(ctx.notes))
