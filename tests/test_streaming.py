@@ -177,3 +177,22 @@ def test_scan_state_size_is_fixed(monkeypatch):
         assert b["n_prompts"] == 10 * a["n_prompts"]
         for key in ("k_norm", "v_norm", "sink_attn", "mlp_out_log_norm"):
             assert _close(a[key], b[key], 1e-7), key
+
+
+def test_auto_batch_size_bounds_padding():
+    """--batch-size auto: within the memory cap, the largest size whose bucketed batches pad <= 20%."""
+    import json
+    from pathlib import Path
+
+    from sinkscope.prompts import choose_batch_size, padded_tokens
+    lengths = json.loads((Path(__file__).resolve().parents[1] / "bench" / "data" / "prose56_lengths.json").read_text())
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")  # device objects only: no GPU needed
+    assert padded_tokens([1, 2, 3], 2) == 7
+    assert choose_batch_size(lengths, 256, cpu) == 16            # CPU: capped at 16
+    bs = choose_batch_size(lengths, 256, cuda)
+    assert padded_tokens(lengths, bs) <= 1.2 * sum(lengths) < padded_tokens(lengths, 2 * bs)
+    assert choose_batch_size([32] * 512, 256, cuda) == 256     # equal lengths: no padding, memory decides
+    assert choose_batch_size(lengths, 3, cuda) == 3 and choose_batch_size([8192], 1, cuda) == 1
+    lm = tiny_model("llama")
+    ctx = RunContext(lm, tokenize(lm.tokenizer, TEXTS), batch_size="auto", progress=False)
+    assert 1 <= ctx.batch_size <= 16

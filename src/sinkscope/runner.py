@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from .errors import UsageError
 from .model import LoadedModel
-from .prompts import Batch, PromptError, Prompts, auto_batch_size, make_batches
+from .prompts import Batch, PromptError, Prompts, auto_batch_size, choose_batch_size, make_batches
 
 QUERY_START = 4  # the reference's first query position for sink attention and cos(Q, K)
 
@@ -27,9 +27,11 @@ class RunContext:
     def __post_init__(self):
         if self.batch_size == "auto":
             cfg = self.lm.config
-            self.batch_size = auto_batch_size(
+            cap = auto_batch_size(
                 self.lm.n_layers, cfg.hidden_size, getattr(cfg, "num_attention_heads", 1),
                 max(self.prompts.lengths), torch.finfo(self.lm.dtype).bits // 8, self.lm.device)
+            # within the memory cap, no more padding than ~20% of the real tokens (and <= 16 on a CPU)
+            self.batch_size = choose_batch_size(self.prompts.lengths, cap, self.lm.device)
         self.batch_size = int(self.batch_size)
         if self.batch_size < 1:
             raise UsageError(f"--batch-size must be >= 1 or auto, not {self.batch_size}")
