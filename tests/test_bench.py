@@ -15,6 +15,9 @@ def _env(tmp_path):
     env = os.environ.copy()
     env["PYTHONPATH"] = str(ROOT / "src") + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env["HF_HUB_OFFLINE"] = "1"
+    # the scripts run `python`: make it this interpreter even when its venv is not activated (as in CI)
+    env["PYTHON"] = sys.executable
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     # Make `import gguf` fail loudly: nothing on the benchmark's path may need it.
     block = tmp_path / "block"
     (block / "gguf").mkdir(parents=True)
