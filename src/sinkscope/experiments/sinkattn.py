@@ -23,11 +23,8 @@ from . import scan
 
 def pattern_reducer(keys):
     """hook_pattern [B, H, S, T] -> [B, H, T]: the scan's own per-prompt, per-head mean over each key's queries
-    (scan.py's reducer, reused so both modes share one definition; it takes the key list or, in the faster
-    scan, a per-batch weight cache built from it)."""
-    keys = [int(k) for k in keys]
-    weights = getattr(scan, "_BatchWeights", None)
-    return scan._pattern_reducer(weights(keys) if weights is not None else keys)
+    (scan.py's reducer, reused so both modes share one definition)."""
+    return scan._pattern_reducer([int(k) for k in keys])
 
 
 @dataclass
