@@ -86,10 +86,11 @@ def test_scan_batched_equals_unbatched(family):
             assert set(r) == set(scan_mod.RECORD_KEYS)
             for key, v0 in r0.items():
                 assert _close(r[key], v0, _abs_tol(key, r0)), (name, bs, r0["layer"], r0["sink_idx"], key, r[key], v0)
-    # prompts too short for a sink are left out of it, the same way batched or not
-    by_sink = {r["sink_idx"]: r["n_prompts"] for r in ref}
-    assert by_sink[0] == sum(1 for t in TEXTS if len(t.encode()) > 4)
-    assert by_sink[8] == sum(1 for t in TEXTS if len(t.encode()) > 9)
+    # prompts too short for a sink are left out of it, the same way batched or not: the token statistics keep
+    # every prompt that has token t, the query statistics those that also have a query q >= max(4, t+1)
+    by_sink = {r["sink_idx"]: (r["n_prompts"], r["n_prompts_query"]) for r in ref}
+    assert by_sink[0] == (len(TEXTS), sum(1 for t in TEXTS if len(t.encode()) > 4))
+    assert by_sink[8] == (sum(1 for t in TEXTS if len(t.encode()) > 8), sum(1 for t in TEXTS if len(t.encode()) > 9))
 
 
 def test_decompose_output_batched_equals_unbatched(family):

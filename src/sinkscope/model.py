@@ -60,6 +60,10 @@ class LoadedModel:
     def body(self):
         return get_module(self.model, self.adapter.body)
 
+    @property
+    def attn_implementation(self) -> str:
+        return str(getattr(self.model.config, "_attn_implementation", None))
+
 
 def cache_dir() -> Path:
     """Where converted models live: $SINKSCOPE_CACHE, else $XDG_CACHE_HOME/sinkscope, else ~/.cache/sinkscope."""
@@ -191,6 +195,31 @@ def _hub_error(name: str, err: Exception) -> ModelLoadError:
         f"and as a Hugging Face hub id it is not in the local cache and the hub "
         f"{'is switched off (HF_HUB_OFFLINE=1)' if offline else 'could not be reached (no network?)'}"
         f" [{type(err).__name__}]")
+
+
+def read_config(name: str):
+    """(config, adapter) of `--model` without loading any weights: what flag validation needs before a load.
+    A GGUF file is converted (once) first; a hub id needs its config in the local cache or the hub."""
+    from transformers import AutoConfig
+    source = resolve_source(name)
+    local_only = False
+    if isinstance(source, str):
+        try:
+            return _with_adapter(AutoConfig.from_pretrained(source, local_files_only=True))
+        except (OSError, ValueError):
+            if os.environ.get("HF_HUB_OFFLINE") == "1" or not _hub_reachable():
+                raise _hub_error(name, OSError("not in the local cache")) from None
+    try:
+        config = AutoConfig.from_pretrained(source, local_files_only=local_only)
+    except (OSError, ValueError) as err:
+        if isinstance(source, str):
+            raise _hub_error(name, err) from None
+        raise ModelLoadError(f"could not read the config of {source}: {err}") from None
+    return _with_adapter(config)
+
+
+def _with_adapter(config):
+    return config, get_adapter(text_config(config))
 
 
 def load_model(name: str = DEFAULT_MODEL, dtype: str = "auto", device: str = "auto",

@@ -56,8 +56,9 @@ class RunContext:
             raise UsageError(f"--layer {layer} is out of range: this model has layers 0..{n - 1}")
         return layer % n
 
-    def check_tokens(self, tokens: Sequence[int], what: str = "token") -> dict[int, int]:
-        """Fail if a token index is beyond every prompt; return {t: number of prompts too short for t}."""
+    def check_tokens(self, tokens: Sequence[int], what: str = "token", note: bool = True) -> dict[int, int]:
+        """Fail if a token index is beyond every prompt; return {t: number of prompts too short for t}
+        (and, with `note`, say so in the notes)."""
         lengths = self.prompts.lengths
         longest = max(lengths)
         for t in tokens:
@@ -67,7 +68,7 @@ class RunContext:
                 raise PromptError(f"{what} index {t} is beyond every prompt (the longest has {longest} tokens)")
         short = {t: sum(1 for n in lengths if n <= t) for t in tokens}
         for t, c in short.items():
-            if c:
+            if c and note:
                 self.notes.append(f"{what} {t}: {c} of {len(lengths)} prompts are too short and were skipped for it")
         return short
 

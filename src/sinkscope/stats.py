@@ -71,7 +71,7 @@ def _norms_units64(X: Tensor) -> tuple[Tensor, Tensor]:
 
 def _spread_from(n: int, usum: Tensor, dim: int) -> float:
     if n < 2:
-        return 0.0
+        return float("nan")  # undefined for fewer than 2 vectors (the reference printed 0.0)
     ubar = usum / n
     return math.sqrt(max(0.0, 1.0 - float(ubar @ ubar)) / dim)
 
@@ -90,12 +90,12 @@ def spread(X: Tensor) -> float:
 
     u_n = x_n / max(||x_n||, EPS); ubar = mean_n u_n (not renormalised);
     spread = sqrt(max(0, 1 - ||ubar||^2) / D) = sqrt(mean_n ||u_n - ubar||^2 / D).
-    Returns 0.0 when N < 2.
+    Returns NaN when N < 2: a spread of fewer than two vectors is undefined (the reference printed 0.0).
     """
     X = _matrix(X)
     N, D = X.shape
     if N < 2:
-        return 0.0
+        return float("nan")
     _, u = _norms_units64(X)
     return _spread_from(N, u.sum(0), D)
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..result import Result
 from .. import stats
 from ..arch import get_module
 from ..interventions import edit_sites, project_out_token, scale_token
@@ -35,7 +36,7 @@ COLUMNS = ("baseline", "mlp_out_ablated", "layer_input_ablated", "random_control
 
 
 @dataclass
-class AblateMLPOutResult:
+class AblateMLPOutResult(Result):
     layer: int
     mode: str
     model_type: str
@@ -43,7 +44,7 @@ class AblateMLPOutResult:
     ref_tok: int
     layers: list[int]                     # the later layers measured
     series: dict                          # column name -> SinkSeries or None (N/A)
-    table: Table
+    sink_table: Table
     chosen_dims: list[int]
     dims_source: str
     te_median_mass: float
@@ -162,7 +163,7 @@ def run_ablate_mlp_out(ctx: RunContext, layer: int, mode: str, sink_tok: int = 0
     suffix = "_vec" + "_".join(map(str, vec_idx)) if vec_idx else ""
     return AblateMLPOutResult(
         layer=layer, mode=mode, model_type=lm.adapter.model_type, sink_tok=sink_tok, ref_tok=ref_tok,
-        layers=layers, series=series, table=table, chosen_dims=dims, dims_source=source, te_median_mass=mass,
+        layers=layers, series=series, sink_table=table, chosen_dims=dims, dims_source=source, te_median_mass=mass,
         te_candidates=cands, empty_message=message, rank=0 if Q is None else Q.shape[1], seed=seed,
         vec_suffix=suffix, basis_space=basis_space, Q=Q, R=R, alpha=alpha, residual_frac=residual_frac,
         n_measured=series["baseline"].n_prompts, notes=list(dict.fromkeys(ctx.notes)))

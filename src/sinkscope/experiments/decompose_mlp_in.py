@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..result import Result
 from .. import stats
 from ..interventions import project_out_token
 from ..runner import RunContext, valid_rows
@@ -47,7 +48,7 @@ class DirectionStats:
 
 
 @dataclass
-class DecomposeMLPInResult:
+class DecomposeMLPInResult(Result):
     layer: int
     model_type: str
     gated: bool
@@ -71,7 +72,7 @@ class DecomposeMLPInResult:
     seed: int = 19
     n_perm: int = N_PERM
     series: dict = field(default_factory=dict)   # name -> SinkSeries
-    table: Table | None = None
+    sink_table: Table | None = None
     stacks: list[ZStackRow] = field(default_factory=list)
     x_residual_frac: dict = field(default_factory=dict)  # run -> mean ||Q^T x_t'|| / ||x_t|| after the edit
     Q: torch.Tensor | None = field(default=None, repr=False)
@@ -147,6 +148,6 @@ def run_decompose_mlp_in(ctx: RunContext, layer: int, sink_tok: int = 0, ref_tok
                                                / x_before[ok].norm(dim=-1).clamp_min(stats.EPS)).mean())
             res.stacks.append(zstack_row(f"tok{sink_tok} ({name})", zz[:, 0]))
     res.stacks.append(ref_row)
-    res.table = Table(f"[Sink attention to token {sink_tok}] decompose-mlp-in L={layer}", list(SERIES),
+    res.sink_table = Table(f"[Sink attention to token {sink_tok}] decompose-mlp-in L={layer}", list(SERIES),
                       series_rows(layers, res.series))
     return res

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..result import Result
 from .. import stats
 from ..capture import Capture
 from ..runner import RunContext
@@ -19,7 +20,7 @@ PARTS = {"Y": None, "residual": "hook_resid_pre", "attn": "hook_attn_out", "mlp"
 
 
 @dataclass
-class DecomposeOutputResult:
+class DecomposeOutputResult(Result):
     layer: int
     tokens: list[int]
     values: dict[str, list[float]]   # row name -> one value per token (the reference's rows)
@@ -66,13 +67,18 @@ def run_decompose_output(ctx: RunContext, layer: int, tokens=(0, 1, 8)) -> Decom
             cnt = int(n[pi, ti])
             if kind == "norm":
                 vals.append(float(norm_sum[pi, ti]) / cnt if cnt else float("nan"))
-            elif cnt < 2:  # stats.NormSpread.spread, from the streamed sums
-                vals.append(0.0)
+            elif cnt < 2:  # stats.NormSpread.spread, from the streamed sums: undefined below 2 vectors
+                vals.append(float("nan"))
             else:
                 ubar = usum[pi, ti] / cnt
                 vals.append(math.sqrt(max(0.0, 1.0 - float(ubar @ ubar)) / D))
         values[row] = vals
     n_prompts = [int(n[0, ti]) for ti in range(len(tokens))]
+    notes = list(ctx.notes)
+    for t, c in zip(tokens, n_prompts):
+        if c < 2:
+            notes.append(f"tok{t}: the spreads are N/A: a spread needs at least 2 prompts with token {t}, and {c} "
+                         f"has it")
     return DecomposeOutputResult(
         layer=layer, tokens=tokens, values=values, n_prompts=n_prompts,
-        n_skipped=[short[t] for t in tokens], max_abs_y_mismatch=float(mismatch), notes=list(ctx.notes))
+        n_skipped=[short[t] for t in tokens], max_abs_y_mismatch=float(mismatch), notes=notes)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..result import Result
 from .. import stats
 from ..capture import Capture
 from ..runner import RunContext, valid_rows
@@ -26,7 +27,7 @@ MAX_VALS = 3     # values shown by the *_max_vals rows
 
 
 @dataclass
-class FindMLPSubspaceResult:
+class FindMLPSubspaceResult(Result):
     layer: int
     model_type: str
     gated: bool

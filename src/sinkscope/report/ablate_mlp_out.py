@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..experiments.ablate_mlp_out import AblateMLPOutResult
 from ..fmt import format_table
-from .common import notes_text, progression_plot, write_json
+from .common import notes_text, progression_plot
 from .mlp_plots import columns
 
 RESULT = AblateMLPOutResult
@@ -25,7 +25,7 @@ def sink_plot(path: Path, layers, series: dict, key: int, title: str) -> Path:
                             "probability")
 
 
-def render(result: AblateMLPOutResult, outdir: Path, plots: bool) -> str:
+def table(result: AblateMLPOutResult) -> str:
     r = result
     t = r.sink_tok
     lines = []
@@ -44,22 +44,30 @@ def render(result: AblateMLPOutResult, outdir: Path, plots: bool) -> str:
                      f"rank {r.rank}, removed from tok{t}'s MLP output; random_control: a rank-{r.rank} subspace "
                      f"orthogonal to it, seed {r.seed}")
         lines.append(f"[check] after the edit, mean ||Q^T m|| / ||m|| at tok{t} = {r.residual_frac:.2e}")
-    lines.append(format_table(r.table.columns, r.table.rows, title=r.table.title))
+    lines.append(format_table(r.sink_table.columns, r.sink_table.rows, title=r.sink_table.title))
     lines.append(f"[counts] {r.n_measured} prompts measured (queries q >= max(4, t+1))")
-    payload = {
-        "layer": r.layer, "mode": r.mode, "model_type": r.model_type, "sink_tok": t, "ref_tok": r.ref_tok,
-        "layers": r.layers, "columns": r.table.columns, "table": r.table.as_dict(),
+    lines.append(notes_text(r.notes))
+    return "\n".join(filter(None, lines))
+
+
+def json_name(result: AblateMLPOutResult) -> str:
+    return f"ablate_mlp_out_{result.mode}_L{result.layer}.json"
+
+
+def payload(result: AblateMLPOutResult) -> dict:
+    r = result
+    return {
+        "layer": r.layer, "mode": r.mode, "model_type": r.model_type, "sink_tok": r.sink_tok, "ref_tok": r.ref_tok,
+        "layers": r.layers, "columns": r.sink_table.columns, "table": r.sink_table.as_dict(),
         "series": series_payload(r.series), "chosen_dims": r.chosen_dims, "dims_source": r.dims_source,
         "te_median_mass": r.te_median_mass, "te_candidates": r.te_candidates, "empty_message": r.empty_message,
         "rank": r.rank, "seed": r.seed, "basis_space": r.basis_space, "Q": columns(r.Q), "R": columns(r.R),
         "alpha": r.alpha, "residual_frac": r.residual_frac, "n_measured": r.n_measured, "notes": r.notes,
     }
-    path = write_json(outdir / f"ablate_mlp_out_{r.mode}_L{r.layer}.json", payload)
-    saved = [path]
-    if plots:
-        name = f"ablate_mlp_out_ablate_{r.mode}_L{r.layer}_token_{t}{r.vec_suffix}_L{r.layer}.png"
-        saved.append(sink_plot(outdir / name, r.layers, r.series, t,
-                               f"Attention score before/after ablation={r.mode} | L={r.layer} | token={t}"))
-    lines.append(notes_text(r.notes))
-    lines.append("[saved] " + ", ".join(str(p) for p in saved))
-    return "\n".join(filter(None, lines))
+
+
+def plots(result: AblateMLPOutResult, outdir: Path) -> list[Path]:
+    r = result
+    name = f"ablate_mlp_out_ablate_{r.mode}_L{r.layer}_token_{r.sink_tok}{r.vec_suffix}_L{r.layer}.png"
+    return [sink_plot(outdir / name, r.layers, r.series, r.sink_tok,
+                      f"Attention score before/after ablation={r.mode} | L={r.layer} | token={r.sink_tok}")]

@@ -1,10 +1,12 @@
-"""Shared output helpers: JSON files, the reference's progression plot, notes."""
+"""Shared output helpers: atomic JSON and figure files, the reference's progression plot, notes."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
+import os
+import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -31,9 +33,67 @@ def _clean(x):
     return x
 
 
-def write_json(path: Path, payload) -> Path:
-    path.write_text(json.dumps(_clean(payload), indent=1) + "\n", encoding="utf-8")
+# Every file completed in this process, in order (the CLI names them after an interrupt).
+WRITTEN: list[Path] = []
+
+
+def _atomic(path: Path, write) -> Path:
+    """write(tmp_path) then rename onto `path`: readers never see half a file, an interrupt leaves none."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix="." + path.stem + ".", suffix=".tmp" + path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    WRITTEN.append(path)
     return path
+
+
+def atomic_file(path: Path, write) -> Path:
+    """Write any file atomically: write(tmp_path) fills a temporary file that is then renamed onto `path`."""
+    return _atomic(path, write)
+
+
+def dumps(payload) -> str:
+    """Strict JSON (NaN and infinities become null; a stray one raises instead of writing `NaN`)."""
+    return json.dumps(_clean(payload), indent=1, allow_nan=False, ensure_ascii=False) + "\n"
+
+
+def write_json(path: Path, payload) -> Path:
+    text = dumps(payload)
+    return _atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def save_fig(fig, path: Path, dpi: int = 300) -> Path:
+    """Save and close a matplotlib figure atomically."""
+    try:
+        return _atomic(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format=Path(path).suffix.lstrip(".")))
+    finally:
+        plt.close(fig)
+
+
+def remove_stale(json_path: Path, keep) -> list[Path]:
+    """Delete the files listed under "files" in an existing `json_path` that are not in `keep` (the set written
+    again now). Only names listed by that JSON, in its own folder, are ever removed."""
+    json_path = Path(json_path)
+    try:
+        old = json.loads(json_path.read_text(encoding="utf-8")).get("files") or []
+    except (OSError, ValueError, AttributeError):
+        return []
+    keep_names = {Path(p).name for p in keep}
+    removed = []
+    for name in old:
+        if not isinstance(name, str) or Path(name).name != name or name in keep_names:
+            continue
+        p = json_path.parent / name
+        if p.is_file():
+            p.unlink()
+            removed.append(p)
+    return removed
 
 
 def notes_text(notes) -> str:
@@ -48,7 +108,8 @@ def progression_plot(path: Path, x, series: dict, ylabel: str, title: str, kind:
     ymax = 0.0
     for label, (vals, var) in series.items():
         vals = np.asarray(vals, dtype=float)
-        ymax = max(ymax, float(np.nanmax(vals)) if len(vals) else 0.0)
+        fin = vals[np.isfinite(vals)]
+        ymax = max(ymax, float(fin.max()) if fin.size else 0.0)
         if var is not None:
             ax.errorbar(x, vals, yerr=np.sqrt(np.maximum(np.asarray(var, dtype=float), 0)), marker="o",
                         capsize=2, label=label)
@@ -69,6 +130,9 @@ def progression_plot(path: Path, x, series: dict, ylabel: str, title: str, kind:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
-    return path
+    return save_fig(fig, path, dpi=dpi)
+
+
+def dataclass_dict(obj) -> dict:
+    """A result dataclass as a JSON-ready dict (tensors and arrays as lists, NaN as None)."""
+    return _clean(obj)

@@ -11,7 +11,7 @@ import numpy as np
 from ..experiments.decompose_mlp_in import DecomposeMLPInResult
 from ..fmt import format_matrix, format_table
 from .ablate_mlp_out import series_payload, sink_plot
-from .common import notes_text, plt, write_json
+from .common import notes_text, plt, save_fig
 from .mlp_plots import columns, zstack_plot
 
 RESULT = DecomposeMLPInResult
@@ -36,9 +36,7 @@ def _eig_plot(r: DecomposeMLPInResult, path: Path) -> Path:
     fig.suptitle(f"Active subspace spectrum | L={r.layer} tok={r.sink_tok} | f=z[idx]^2 | z_idx={r.chosen_dims}",
                  fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=200)
-    plt.close(fig)
-    return path
+    return save_fig(fig, path, dpi=200)
 
 
 def _proj_plot(r: DecomposeMLPInResult, path: Path) -> Path:
@@ -54,20 +52,21 @@ def _proj_plot(r: DecomposeMLPInResult, path: Path) -> Path:
         ax.set_xlabel("projection on v1 (canonical sign)")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=200)
-    plt.close(fig)
-    return path
+    return save_fig(fig, path, dpi=200)
 
 
-def render(result: DecomposeMLPInResult, outdir: Path, plots: bool) -> str:
+def _projection_rows(r: DecomposeMLPInResult):
+    rows = [(f"z{d.dim}", [f"{d.eigvals[0]:.4e}", f"{d.eigvals[1]:.4e}" if len(d.eigvals) > 1 else "N/A",
+                           f"{d.p0_mean:.2f}±{d.p0_sd:.2f}", f"{d.pb_mean:.2f}±{d.pb_sd:.2f}",
+                           f"{d.cohens_d:.2f}", f"{d.perm_p:.2e}"], "str") for d in r.directions]
+    cols = ["lambda_1", "lambda_2", f"p0 (tok{r.sink_tok})", f"pb (tok{r.ref_tok})", "cohens_d", "perm_p"]
+    return cols, rows
+
+
+def table(result: DecomposeMLPInResult) -> str:
     r = result
-    L, t = r.layer, r.sink_tok
-    lines = [f"[decompose_mlp_in] L={L} tok={t} z_idx={r.chosen_dims}"]
-    payload = {"layer": L, "model_type": r.model_type, "gated": r.gated, "grad_method": r.grad_method,
-               "sink_tok": t, "ref_tok": r.ref_tok, "layers": r.layers, "z_idx": r.chosen_dims,
-               "dims_source": r.dims_source, "te_median_mass": r.te_median_mass, "te_candidates": r.te_candidates,
-               "empty_message": r.empty_message, "notes": r.notes}
-    saved = []
+    t = r.sink_tok
+    lines = [f"[decompose_mlp_in] L={r.layer} tok={t} z_idx={r.chosen_dims}"]
     if r.empty_message:
         lines.append(f"[decompose_mlp_in] {r.empty_message}. Nothing else was computed.")
     else:
@@ -81,35 +80,51 @@ def render(result: DecomposeMLPInResult, outdir: Path, plots: bool) -> str:
         lines.append(f"cum frac: {r.cum_frac}")
         lines.append(f"eff_rank(entropy): {r.eff_rank_entropy:.3f}")
         lines.append(f"eff_rank(participation): {r.eff_rank_participation:.3f}")
-        rows = [(f"z{d.dim}", [d.eigvals[0], d.eigvals[1] if len(d.eigvals) > 1 else None,
-                               f"{d.p0_mean:.2f}±{d.p0_sd:.2f}", f"{d.pb_mean:.2f}±{d.pb_sd:.2f}",
-                               f"{d.cohens_d:.2f}", f"{d.perm_p:.2e}"], "str") for d in r.directions]
-        rows = [(n, [f"{v[0]:.4e}", "N/A" if v[1] is None else f"{v[1]:.4e}"] + v[2:], f) for n, v, f in rows]
-        cols = ["lambda_1", "lambda_2", f"p0 (tok{t})", f"pb (tok{r.ref_tok})", "cohens_d", "perm_p"]
+        cols, rows = _projection_rows(r)
         lines.append(format_table(cols, rows, title=f"[Condition B] projection on v1 of x - mu_b (mu_b = mean "
                                                     f"x at tok{r.ref_tok}); perm_p: {r.n_perm} permutations, "
                                                     f"seed {r.seed}"))
-        lines.append(format_table(r.table.columns, r.table.rows, title=r.table.title))
+        lines.append(format_table(r.sink_table.columns, r.sink_table.rows, title=r.sink_table.title))
         lines.append(f"[check] mean ||Q^T x|| / ||x|| at tok{t} after the edit: "
                      + ", ".join(f"{k} {v:.2e}" for k, v in r.x_residual_frac.items())
                      + f" (Q rank {r.rank}; rand⊥: rank {r.rank}, seed {r.seed}, orthogonal to span(Q))")
         lines.append("[z-stack] " + ", ".join(f"{s.label}: ‖z‖≈{s.mean_norm:.4g}" for s in r.stacks))
-        payload.update({
-            "directions": r.directions, "gram_names": names, "gram": r.gram, "eigenvalues": r.gram_eigs,
-            "energy frac": r.energy_frac, "cum frac": r.cum_frac, "eff_rank(entropy)": r.eff_rank_entropy,
-            "eff_rank(participation)": r.eff_rank_participation,
-            "projection_table": {n: dict(zip(cols, v)) for n, v, _ in rows},
-            "rank": r.rank, "seed": r.seed, "n_perm": r.n_perm, "Q": columns(r.Q), "R": columns(r.R),
-            "columns": r.table.columns, "table": r.table.as_dict(), "series": series_payload(r.series),
-            "stacks": r.stacks, "x_residual_frac": r.x_residual_frac})
-        if plots:
-            saved.append(_eig_plot(r, outdir / f"mlp_in_eig_L{L}_tok{t}.png"))
-            saved.append(_proj_plot(r, outdir / f"mlp_in_eig_proj_L{L}_tok{t}.png"))
-            saved.append(zstack_plot(outdir / f"mlp_in_ablate_Qproj_zstack_L{L}_tok{t}.png", r.stacks,
-                                     f"z at L={L} before/after removing span(Q) from tok{t}'s MLP input"))
-            saved.append(sink_plot(outdir / f"mlp_in_ablate_Qproj_attnL{L}_tok{t}.png", r.layers, r.series, t,
-                                   f"Sink attention after removing span(Q) from tok{t}'s MLP input at L={L}"))
-    path = write_json(outdir / f"decompose_mlp_in_L{L}.json", payload)
     lines.append(notes_text(r.notes))
-    lines.append("[saved] " + ", ".join(str(p) for p in [path] + saved))
     return "\n".join(filter(None, lines))
+
+
+def json_name(result: DecomposeMLPInResult) -> str:
+    return f"decompose_mlp_in_L{result.layer}.json"
+
+
+def payload(result: DecomposeMLPInResult) -> dict:
+    r = result
+    out = {"layer": r.layer, "model_type": r.model_type, "gated": r.gated, "grad_method": r.grad_method,
+           "sink_tok": r.sink_tok, "ref_tok": r.ref_tok, "layers": r.layers, "z_idx": r.chosen_dims,
+           "dims_source": r.dims_source, "te_median_mass": r.te_median_mass, "te_candidates": r.te_candidates,
+           "empty_message": r.empty_message, "notes": r.notes}
+    if r.empty_message:
+        return out
+    cols, rows = _projection_rows(r)
+    out.update({
+        "directions": r.directions, "gram_names": [f"z{j}" for j in r.chosen_dims], "gram": r.gram,
+        "eigenvalues": r.gram_eigs, "energy frac": r.energy_frac, "cum frac": r.cum_frac,
+        "eff_rank(entropy)": r.eff_rank_entropy, "eff_rank(participation)": r.eff_rank_participation,
+        "projection_table": {n: dict(zip(cols, v)) for n, v, _ in rows},
+        "rank": r.rank, "seed": r.seed, "n_perm": r.n_perm, "Q": columns(r.Q), "R": columns(r.R),
+        "columns": r.sink_table.columns, "table": r.sink_table.as_dict(), "series": series_payload(r.series),
+        "stacks": r.stacks, "x_residual_frac": r.x_residual_frac})
+    return out
+
+
+def plots(result: DecomposeMLPInResult, outdir: Path) -> list[Path]:
+    r = result
+    if r.empty_message:
+        return []
+    L, t = r.layer, r.sink_tok
+    return [_eig_plot(r, outdir / f"mlp_in_eig_L{L}_tok{t}.png"),
+            _proj_plot(r, outdir / f"mlp_in_eig_proj_L{L}_tok{t}.png"),
+            zstack_plot(outdir / f"mlp_in_ablate_Qproj_zstack_L{L}_tok{t}.png", r.stacks,
+                        f"z at L={L} before/after removing span(Q) from tok{t}'s MLP input"),
+            sink_plot(outdir / f"mlp_in_ablate_Qproj_attnL{L}_tok{t}.png", r.layers, r.series, t,
+                      f"Sink attention after removing span(Q) from tok{t}'s MLP input at L={L}")]

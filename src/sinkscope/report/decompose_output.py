@@ -6,15 +6,22 @@ from pathlib import Path
 
 from ..experiments.decompose_output import ROWS, DecomposeOutputResult
 from ..fmt import format_table
-from .common import notes_text, write_json
+from .common import dataclass_dict, notes_text
 
 RESULT = DecomposeOutputResult
 
 
-def render(result: DecomposeOutputResult, outdir: Path, plots: bool) -> str:
+def table(result: DecomposeOutputResult) -> str:
     cols = [f"tok{t}" for t in result.tokens]
     text = format_table(cols, [(row, result.values[row], "sci") for row in ROWS], title=f"[Block Output L={result.layer}]")
     counts = ", ".join(f"tok{t}: {n} prompts ({s} too short)" for t, n, s in
                        zip(result.tokens, result.n_prompts, result.n_skipped))
-    path = write_json(outdir / f"decompose_output_L{result.layer}.json", result)
-    return "\n".join(filter(None, [text, f"[counts] {counts}", notes_text(result.notes), f"[saved] {path}"]))
+    return "\n".join(filter(None, [text, f"[counts] {counts}", notes_text(result.notes)]))
+
+
+def json_name(result: DecomposeOutputResult) -> str:
+    return f"decompose_output_L{result.layer}.json"
+
+
+def payload(result: DecomposeOutputResult) -> dict:
+    return {k: v for k, v in dataclass_dict(result).items() if k != "meta"}

@@ -10,7 +10,7 @@ import numpy as np
 
 from ..experiments.find_mlp_subspace import FindMLPSubspaceResult
 from ..fmt import format_table
-from .common import notes_text, plt, write_json
+from .common import atomic_file, notes_text, plt, save_fig
 from .mlp_plots import columns, zstack_plot
 
 RESULT = FindMLPSubspaceResult
@@ -37,9 +37,7 @@ def _residual_plot(res, path: Path) -> Path:
     axes[0, 0].set_title(f"Components of the pre-MLP-norm stream s at the picked residual dims | L={res.layer} | "
                          f"rows of z dims {res.chosen_dims}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=200)
-    plt.close(fig)
-    return path
+    return save_fig(fig, path, dpi=200)
 
 
 def _row_contrib_plot(res, path: Path) -> Path:
@@ -56,13 +54,10 @@ def _row_contrib_plot(res, path: Path) -> Path:
                      f"(mean over prompts)", fontsize=8)
     axes[-1, 0].set_xlabel("residual dim")
     fig.tight_layout()
-    fig.savefig(path, dpi=200)
-    plt.close(fig)
-    return path
+    return save_fig(fig, path, dpi=200)
 
 
-def render(result: FindMLPSubspaceResult, outdir: Path, plots: bool) -> str:
-    L = result.layer
+def table(result: FindMLPSubspaceResult) -> str:
     lines = [f"[Sanity check] {SANITY}={result.sanity_mean_rel_l2:.4e}  ({result.sanity_what} at "
              f"tok{result.sink_tok}, recomputed in fp32 from the captured factors)"]
     if result.empty_message:
@@ -80,10 +75,21 @@ def render(result: FindMLPSubspaceResult, outdir: Path, plots: bool) -> str:
                      f"contributors of rows {', '.join(sec.rows)})")
         lines.append(f"[MLP residual decomp] components sum to s: max |sum - s| / max|s| = {sec.max_sum_mismatch:.2e}; "
                      f"norm(s) vs x: max rel = {sec.norm_check_rel:.2e}")
-    z_path = outdir / f"find_mlp_subspace_L{L}_z.npz"
-    np.savez(z_path, **{f"z_tok{t}": v.numpy().astype(np.float32) for t, v in result.z.items()})
-    payload = {
-        "layer": L, "model_type": result.model_type, "gated": result.gated, "tokens": result.tokens,
+    lines.append(notes_text(result.notes))
+    return "\n".join(filter(None, lines))
+
+
+def json_name(result: FindMLPSubspaceResult) -> str:
+    return f"find_mlp_subspace_L{result.layer}.json"
+
+
+def _z_name(result: FindMLPSubspaceResult) -> str:
+    return f"find_mlp_subspace_L{result.layer}_z.npz"
+
+
+def payload(result: FindMLPSubspaceResult) -> dict:
+    return {
+        "layer": result.layer, "model_type": result.model_type, "gated": result.gated, "tokens": result.tokens,
         "sink_tok": result.sink_tok, "ref_tok": result.ref_tok, "sections": result.sections,
         SANITY: result.sanity_mean_rel_l2, "sanity_what": result.sanity_what,
         "tables": {t.title: t.as_dict() for t in result.tables},
@@ -91,18 +97,23 @@ def render(result: FindMLPSubspaceResult, outdir: Path, plots: bool) -> str:
         "te_mass": result.te_mass, "te_dims": result.te_dims, "te_candidates": result.te_candidates,
         "te_median_mass": result.te_median_mass, "empty_message": result.empty_message,
         "W_down_columns": columns(result.W_down_columns), "W_down_Q": columns(result.W_down_Q),
-        "stacks": result.stacks, "residual": sec, "section_notes": result.section_notes,
-        "n_prompts": result.n_prompts, "z_file": z_path.name, "notes": result.notes,
+        "stacks": result.stacks, "residual": result.residual, "section_notes": result.section_notes,
+        "n_prompts": result.n_prompts, "z_file": _z_name(result), "notes": result.notes,
     }
-    path = write_json(outdir / f"find_mlp_subspace_L{L}.json", payload)
-    saved = [path, z_path]
-    if plots and "z" in result.sections:
-        saved.append(zstack_plot(outdir / f"MLP_Z_topk_energy_stacks_L{L}.png", result.stacks,
-                                 f"z energy stacks | L={L}"))
-    if plots and sec is not None and sec.picked_dims:
-        saved.append(_residual_plot(result, outdir / f"MLP_residual_decomp_dims_tok{result.sink_tok}_vs_tok"
-                                                     f"{result.ref_tok}_L{L}.png"))
-        saved.append(_row_contrib_plot(result, outdir / f"MLP_Wu_row_contrib_to_dot_tok{result.sink_tok}_L{L}.png"))
-    lines.append(notes_text(result.notes))
-    lines.append("[saved] " + ", ".join(str(p) for p in saved))
-    return "\n".join(filter(None, lines))
+
+
+def extra_files(result: FindMLPSubspaceResult, outdir: Path) -> list[Path]:
+    arrays = {f"z_tok{t}": v.numpy().astype(np.float32) for t, v in result.z.items()}
+    return [atomic_file(outdir / _z_name(result), lambda tmp: np.savez(tmp, **arrays))]
+
+
+def plots(result: FindMLPSubspaceResult, outdir: Path) -> list[Path]:
+    L, sec, out = result.layer, result.residual, []
+    if "z" in result.sections:
+        out.append(zstack_plot(outdir / f"MLP_Z_topk_energy_stacks_L{L}.png", result.stacks,
+                               f"z energy stacks | L={L}"))
+    if sec is not None and sec.picked_dims:
+        out.append(_residual_plot(result, outdir / f"MLP_residual_decomp_dims_tok{result.sink_tok}_vs_tok"
+                                                   f"{result.ref_tok}_L{L}.png"))
+        out.append(_row_contrib_plot(result, outdir / f"MLP_Wu_row_contrib_to_dot_tok{result.sink_tok}_L{L}.png"))
+    return out

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import plt
+from .common import plt, save_fig
 
 ZOOM_MARGIN = 1.15
 ZOOM_BIG = 0.5       # rows over half the largest norm count as large and are not zoomed on
@@ -70,9 +70,7 @@ def zstack_plot(path: Path, rows, title: str, dpi: int = 200) -> Path:
     _draw_stack(axes[0, 0], rows, full, title + " | full scale")
     _draw_stack(axes[1, 0], rows, zoom_limit(norms), title + " | zoom: 1.15 × the largest ‖Z‖ among rows under half the top one")
     fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
-    return path
+    return save_fig(fig, path, dpi=dpi)
 
 
 def columns(M) -> list:

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from ..experiments.scan import RECORD_KEYS, ScanResult
-from .common import notes_text, plt, progression_plot, write_json
+from .common import notes_text, plt, progression_plot, save_fig
 
 RESULT = ScanResult
 TABLE_COLS = ("k_norm", "v_norm", "cos", "sink_attn", "mlp_out_log_norm", "k_spread", "v_spread", "mlp_out_spread")
@@ -27,14 +27,6 @@ PLOTS = {
 }
 
 
-def table(result: ScanResult) -> str:
-    head = f"{'layer':>5} {'sink':>4} " + " ".join(f"{c:>16}" for c in TABLE_COLS)
-    lines = ["[Scan] per layer and sink key; sink_attn and cos average queries q >= max(4, t+1)", head]
-    for r in result.records:
-        lines.append(f"{r['layer']:>5} {r['sink_idx']:>4} " + " ".join(f"{r[c]:>16.4e}" for c in TABLE_COLS))
-    return "\n".join(lines)
-
-
 def heatmap_plot(result: ScanResult, path: Path) -> Path:
     n = len(result.layers)
     rows = 4
@@ -43,34 +35,55 @@ def heatmap_plot(result: ScanResult, path: Path) -> Path:
     for ax in axes.flat:
         ax.axis("off")
     for ax, l in zip(axes.flat, result.layers):  # row-major: L0..L7 on the first row
-        ax.imshow(np.asarray(result.heatmaps[l]), cmap="viridis", vmin=0, vmax=1)
+        ax.imshow(np.asarray(result.heatmaps[l], dtype=float), cmap="viridis", vmin=0, vmax=1)
         ax.set_title(f"L{l} head {result.head}", fontsize=8)
         ax.axis("on")
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle(f"mean attention map, head {result.head}, cropped to the shortest prompt")
+    fig.suptitle(f"mean attention map, head {result.head}; each cell averaged over the prompts that have it")
     fig.tight_layout()
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
-    return path
+    return save_fig(fig, path, dpi=150)
 
 
-def render(result: ScanResult, outdir: Path, plots: bool) -> str:
+def json_name(result: ScanResult) -> str:
+    return "scan_heatmaps.json" if result.heatmaps is not None else "scan.json"
+
+
+def payload(result: ScanResult) -> dict:
     if result.heatmaps is not None:
-        write_json(outdir / "scan_heatmaps.json", {"head": result.head, "layers": result.layers,
-                                                  "maps": result.heatmaps, "notes": result.notes})
-        if plots:
-            heatmap_plot(result, outdir / "scan_heatmaps.png")
-        return "\n".join(filter(None, [notes_text(result.notes),
-                                       f"[Scan] heatmaps of head {result.head} -> {outdir / 'scan_heatmaps.png'}"]))
-    write_json(outdir / "scan.json", {"layers": result.layers, "sinks": result.sinks, "keys": list(RECORD_KEYS),
-                                      "records": result.records, "notes": result.notes})
-    if plots:
-        for stem, (key, var, ylabel, kind) in PLOTS.items():
-            series = {}
-            for t in result.sinks:
-                rs = [r for r in result.records if r["sink_idx"] == t]
-                series[f"sink={t}"] = ([r[key] for r in rs], [r[var] for r in rs] if var else None)
-            progression_plot(outdir / f"{stem}.png", result.layers, series, ylabel, stem, kind)
-    return "\n".join(filter(None, [table(result), notes_text(result.notes),
-                                   f"[Scan] wrote {outdir / 'scan.json'} and scan_*.png"]))
+        return {"head": result.head, "layers": result.layers, "maps": result.heatmaps,
+                "cell_counts": result.heatmap_counts, "notes": result.notes}
+    return {"layers": result.layers, "sinks": result.sinks, "keys": list(RECORD_KEYS), "records": result.records,
+            "notes": result.notes}
+
+
+def plots(result: ScanResult, outdir: Path) -> list[Path]:
+    if result.heatmaps is not None:
+        return [heatmap_plot(result, outdir / "scan_heatmaps.png")]
+    out = []
+    for stem, (key, var, ylabel, kind) in PLOTS.items():
+        series = {}
+        for t in result.sinks:
+            rs = [r for r in result.records if r["sink_idx"] == t]
+            series[f"sink={t}"] = ([_num(r[key]) for r in rs], [_num(r[var]) for r in rs] if var else None)
+        out.append(progression_plot(outdir / f"{stem}.png", result.layers, series, ylabel, stem, kind))
+    return out
+
+
+def _num(v):
+    return float("nan") if v is None else v
+
+
+def table(result: ScanResult) -> str:
+    if result.heatmaps is not None:
+        return "\n".join(filter(None, [f"[Scan] attention maps of head {result.head}, layers "
+                                       f"{result.layers[0]}..{result.layers[-1]}", notes_text(result.notes)]))
+    head = f"{'layer':>5} {'sink':>4} " + " ".join(f"{c:>16}" for c in TABLE_COLS)
+    lines = ["[Scan] per layer and sink key; sink_attn and cos average queries q >= max(4, t+1)", head]
+    for r in result.records:
+        lines.append(f"{r['layer']:>5} {r['sink_idx']:>4} " + " ".join(_cell(r[c]) for c in TABLE_COLS))
+    return "\n".join(filter(None, ["\n".join(lines), notes_text(result.notes)]))
+
+
+def _cell(v) -> str:
+    return f"{'N/A':>16}" if v is None or v != v else f"{v:>16.4e}"
