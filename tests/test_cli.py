@@ -62,8 +62,12 @@ def test_scan_end_to_end(tiny_dir, prompt_file, tmp_path, capsys):
     for stem in ("knorm", "vnorm", "cosine", "sink_attn_mean", "mlp_out_norm", "k_spread", "v_spread",
                  "mlp_out_spread"):
         assert (tmp_path / f"scan_{stem}.png").stat().st_size > 1000
-    meta = json.loads((tmp_path / "meta.json").read_text())
-    assert meta["modes"] == ["scan"] and meta["n_prompts"] == 7
+    prov = data["provenance"]
+    assert prov["mode"] == "scan" and prov["prompts"]["n"] == 7 and prov["argv"][0] == "--scan"
+    assert prov["model"]["model_type"] == "llama" and len(prov["model"]["fingerprint"]) == 64
+    assert prov["model"]["attn_implementation"] == "sdpa"   # --attn-impl auto on a model that supports it
+    assert set(data["files"]) == {f"scan_{s}.png" for s in ("knorm", "vnorm", "cosine", "sink_attn_mean",
+                                                             "mlp_out_norm", "k_spread", "v_spread", "mlp_out_spread")}
 
 
 def test_scan_heatmap(tiny_dir, prompt_file, tmp_path, capsys):

@@ -2,23 +2,22 @@
 
     sinkscope --scan --print qkv
     python analyze_sink.py --decompose-output --layer 11
+
+Order of work: parse -> check every flag value (checks.py) and the output folder -> read the prompt file -> read
+the model's config and check the flags that depend on its shape -> load the weights -> run each mode given, in
+the reference's dispatch order, through the Python API (api.py) -> print each result's table, save its files.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 import time
-from pathlib import Path
 
 from .errors import UsageError
 
-# (mode, function name in MODES_IMPL) in the reference's dispatch order (MODES.md section 0). The first mode
-# set wins, except that --find-mlp-subspace and --decompose-output may be combined, as in the reference.
-DISPATCH = ("decompose_mlp_in", "ablate_mlp_out", "scan", "find_mlp_subspace", "decompose_output")
-COMBINABLE = {"find_mlp_subspace", "decompose_output"}
+# The modes, in the reference's dispatch order (MODES.md section 0). Every mode given on one command line runs.
+MODE_ORDER = ("decompose_mlp_in", "ablate_mlp_out", "scan", "find_mlp_subspace", "decompose_output")
 
 
 def _int_or_auto(s: str):
@@ -27,7 +26,8 @@ def _int_or_auto(s: str):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="sinkscope", description="Find out how attention sinks form (the five reference experiments).",
+        prog="sinkscope", description="Find out how attention sinks form (the five reference experiments). "
+        "Several modes may be given at once; each runs, in the reference's order.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     modes = p.add_argument_group("modes (the reference's flags)")
     modes.add_argument("--scan", action="store_true", help="per-layer K/V/attention/MLP-out statistics of sink keys")
@@ -44,8 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
                    help="weights dtype; auto = fp32 on CPU, bf16 on CUDA. Statistics are always fp32")
     m.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N; auto spreads over all GPUs (accelerate)")
-    m.add_argument("--attn-impl", default="sdpa", choices=("sdpa", "eager"),
-                   help="attention kernel the model runs; sink attention is recomputed exactly either way")
+    m.add_argument("--attn-impl", default="auto", choices=("auto", "sdpa", "eager"),
+                   help="attention kernel the model runs (auto: sdpa where the model supports it, else eager); "
+                        "sink attention is recomputed exactly either way")
 
     d = p.add_argument_group("prompts")
     d.add_argument("--prompt-file", default="prose56.txt",
@@ -54,12 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="token 0: the tokenizer's default (auto), always the BOS token, or never a BOS")
     d.add_argument("--shuffle-seed", type=int, default=None, help="seeded token shuffle within each prompt (off)")
     d.add_argument("--max-prompts", type=int, default=None, help="use only the first N prompts")
+    d.add_argument("--truncate", action="store_true",
+                   help="cut prompts longer than the model's maximum positions (default: refuse them)")
     d.add_argument("--batch-size", type=_int_or_auto, default=16, help="prompts per forward pass, or auto")
 
     e = p.add_argument_group("experiment")
     e.add_argument("--layer", type=int, default=0, help="the block L studied by the layer modes")
     e.add_argument("--print", dest="print_kind", default="qkv", choices=("qkv", "heatmap"), help="--scan output")
     e.add_argument("--head", type=int, default=0, help="head for --print heatmap")
+    e.add_argument("--heatmap-size", type=int, default=128, help="--print heatmap: maps cover positions 0..N-1")
     e.add_argument("--sink-idx", type=int, nargs="+", default=[0], help="key tokens t scanned")
     e.add_argument("--scan-interval", type=int, default=1, help="scan layers 0, i, 2i, ...")
     e.add_argument("--tokens", type=int, nargs="+", default=[0, 1, 8],
@@ -81,13 +85,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _modes(args) -> list[str]:
-    chosen = [m for m in DISPATCH if getattr(args, m)]
-    if not chosen:
-        return []
-    if chosen[0] in COMBINABLE:
-        return [m for m in chosen if m in COMBINABLE]
-    return chosen[:1]
+def chosen_modes(args) -> list[str]:
+    return [m for m in MODE_ORDER if getattr(args, m)]
+
+
+def mode_params(mode: str, a) -> dict:
+    """CLI flags -> the keyword arguments of the API function of `mode` (api.py)."""
+    mlp = dict(layer=a.layer, sink_tok=a.ablate_tok, ref_tok=a.ref_tok, vec_idx=a.vec_idx, te_k=a.te_k,
+               te_mass=a.te_mass)
+    if mode == "scan":
+        heat = a.print_kind == "heatmap"
+        return dict(sinks=a.sink_idx, interval=a.scan_interval, heatmap_head=a.head if heat else None,
+                    heatmap_size=a.heatmap_size if heat else None)
+    if mode == "decompose_output":
+        return dict(layer=a.layer, tokens=a.tokens)
+    if mode == "find_mlp_subspace":
+        return dict(sections=a.mlp, tokens=a.tokens, **mlp)
+    if mode == "ablate_mlp_out":
+        return dict(mode=a.ablate_mlp_out, seed=a.seed, **mlp)
+    if mode == "decompose_mlp_in":
+        return dict(seed=a.seed, **mlp)
+    raise ValueError(mode)
 
 
 def _describe_prompts(lm, prompts) -> str:
@@ -101,58 +119,70 @@ def _describe_prompts(lm, prompts) -> str:
             + (f"; tokens shuffled with seed {prompts.shuffle_seed}" if prompts.shuffle_seed is not None else ""))
 
 
-def run(args) -> int:
-    from . import report
-    from .experiments import registry
-    from .model import load_model
-    from .prompts import read_prompt_file, tokenize
-    from .runner import RunContext
+def check_run_args(args) -> None:
+    """Flag values that belong to no single mode."""
+    from .prompts import check_seed
+    if args.batch_size != "auto" and args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1 or auto, not {args.batch_size}")
+    if args.heatmap_size < 1:
+        raise UsageError(f"--heatmap-size must be >= 1, not {args.heatmap_size}")
+    check_seed(args.seed, "--seed")
+    check_seed(args.shuffle_seed, "--shuffle-seed")
 
-    modes = _modes(args)
-    texts = read_prompt_file(args.prompt_file)
-    if args.max_prompts is not None:
-        if args.max_prompts < 1:
-            raise UsageError(f"--max-prompts must be >= 1, not {args.max_prompts}")
-        texts = texts[:args.max_prompts]
+
+def run(args, argv: list[str]) -> int:
+    from . import api, checks
+    from .arch import text_config
+    from .model import read_config
+
+    modes = chosen_modes(args)
+    params = {m: mode_params(m, args) for m in modes}
+    check_run_args(args)
+    for m in modes:                                   # milliseconds: before any file or model is read
+        checks.check_params(m, params[m])
+    outdir = checks.check_outdir(args.outdir)
+    prompt_set = api.prompts(args.prompt_file, bos=args.bos, shuffle_seed=args.shuffle_seed,
+                             max_prompts=args.max_prompts)
+    config, _ = read_config(args.model)               # the config only: shape checks before the weights
+    for m in modes:
+        checks.check_against_config(m, params[m], text_config(config))
+
     t0 = time.time()
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # the weight-loading bar is noise here; our own bars stay
-    lm = load_model(args.model, dtype=args.dtype, device=args.device, attn_implementation=args.attn_impl)
-    print(f"[model] {args.model} ({lm.adapter.model_type}, {lm.n_layers} layers, {lm.dtype}, {lm.device}) "
-          f"loaded in {time.time() - t0:.1f}s from {lm.source}", file=sys.stderr)
-    prompts = tokenize(lm.tokenizer, texts, bos=args.bos, shuffle_seed=args.shuffle_seed)
+    lm = api.load(args.model, dtype=args.dtype, device=args.device, attn_impl=args.attn_impl)
+    print(f"[model] {args.model} ({lm.adapter.model_type}, {lm.n_layers} layers, {lm.dtype}, {lm.device}, "
+          f"attention {lm.attn_implementation}) loaded in {time.time() - t0:.1f}s from {lm.source}", file=sys.stderr)
+    prompts = api.tokenized(lm, prompt_set, truncate=args.truncate)
     print(_describe_prompts(lm, prompts), file=sys.stderr)
-    outdir = Path(args.outdir)
-    for mode in modes:
-        ctx = RunContext(lm, prompts, batch_size=args.batch_size, progress=not args.no_progress)
-        result = registry.RUNNERS[mode](ctx, args)
-        print(report.render(result, outdir, plots=not args.no_plots))
-    meta = {"argv": sys.argv[1:], "modes": modes, "model": args.model, "model_type": lm.adapter.model_type,
-            "source": lm.source, "dtype": str(lm.dtype), "device": str(lm.device), "n_prompts": len(prompts),
-            "bos": args.bos, "shuffle_seed": args.shuffle_seed, "seed": args.seed, "python": platform.python_version()}
-    try:
-        import torch
-        import transformers
-        meta.update(torch=torch.__version__, transformers=transformers.__version__)
-    except ImportError:  # pragma: no cover
-        pass
-    (outdir / "meta.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+    with api.invoked_as(argv):
+        for m in modes:
+            result = getattr(api, m)(lm, prompts, batch_size=args.batch_size, progress=not args.no_progress,
+                                     **params[m])
+            print(result.table(), flush=True)
+            paths = result.save(outdir, plots=not args.no_plots)
+            print("[saved] " + ", ".join(str(p) for p in paths), file=sys.stderr, flush=True)
     return 0
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not _modes(args):
+    if not chosen_modes(args):
         parser.error("choose a mode: --scan, --decompose-output, --find-mlp-subspace, --ablate-mlp-out or "
                      "--decompose-mlp-in")
+    from .report.common import WRITTEN
+    start = len(WRITTEN)
     try:
-        return run(args)
+        return run(args, argv)
     except UsageError as err:
         print(f"sinkscope: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("sinkscope: interrupted", file=sys.stderr)
+        done = [str(p) for p in WRITTEN[start:]]
+        print("sinkscope: interrupted; " + (f"completed files: {', '.join(done)}" if done else
+                                            "no file was completed"), file=sys.stderr)
         return 130
 
 

@@ -223,10 +223,12 @@ def _with_adapter(config):
 
 
 def load_model(name: str = DEFAULT_MODEL, dtype: str = "auto", device: str = "auto",
-               attn_implementation: str = "sdpa") -> LoadedModel:
+               attn_implementation: str = "auto") -> LoadedModel:
     """Load a causal LM with its tokenizer and adapter row; eval mode, gradients off."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    if attn_implementation == "auto":
+        attn_implementation = "sdpa"
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     source = resolve_source(name)

@@ -1,8 +1,16 @@
-"""Prompt files -> token ids (BOS policy, optional seeded shuffle) -> length-bucketed, right-padded batches."""
+"""Prompt files -> token ids (BOS policy, optional seeded shuffle) -> length-bucketed, right-padded batches.
+
+    ps = load_prompts("prose56.txt", bos="auto", shuffle_seed=None)   # a PromptSet: texts + where they came from
+    prompts = ps.tokenize(lm.tokenizer)                                # Prompts: token ids, one tensor per prompt
+
+Prompt files are UTF-8 (a byte-order mark is dropped); one prompt per line, split on "\n" or "\r\n" only (not on
+U+2028 or form feeds); each line is stripped and empty lines are skipped.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
@@ -18,32 +26,108 @@ class PromptError(UsageError):
     """Bad prompt input (missing, unreadable or empty file; impossible token request)."""
 
 
-def read_prompt_file(path: str | None = None) -> list[str]:
-    """One prompt per non-empty stripped line, read as UTF-8. A bare built-in name reads package data."""
+SEED_MAX = 2 ** 63 - 1   # seeds are 0 .. 2^63 - 1 (what every generator here accepts)
+
+
+def _read_bytes(path: str | None) -> tuple[bytes, str]:
+    """(file bytes, the name it is known by). A bare built-in name reads package data."""
     name = path or DEFAULT_PROMPT_FILE
     if name in BUILTIN_PROMPT_FILES and not Path(name).exists():
-        text = resources.files("sinkscope").joinpath("data", name).read_text(encoding="utf-8")
-    else:
-        p = Path(name).expanduser()
-        if not p.is_file():
-            raise PromptError(f"prompt file not found: {p}")
-        try:
-            text = p.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as err:
-            raise PromptError(f"cannot read prompt file {p} as UTF-8 text: {err}") from None
-    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+        return resources.files("sinkscope").joinpath("data", name).read_bytes(), name
+    p = Path(name).expanduser()
+    if p.is_dir():
+        raise PromptError(f"prompt file {p} is a directory, not a file")
+    if not p.exists():
+        raise PromptError(f"prompt file not found: {p}")
+    try:
+        return p.read_bytes(), str(p)
+    except OSError as err:
+        raise PromptError(f"cannot read prompt file {p}: {err.strerror or err}") from None
+
+
+def split_prompts(data: bytes, name: str = "<bytes>") -> list[str]:
+    """UTF-8 (BOM dropped) -> one prompt per non-empty stripped line, split on \\n and \\r\\n only."""
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise PromptError(f"cannot read prompt file {name} as UTF-8 text: {err}") from None
+    prompts = [line.strip() for line in text.split("\n") if line.strip()]
     if not prompts:
         raise PromptError(f"prompt file {name} holds no prompts (every line is empty)")
     return prompts
 
 
+def read_prompt_file(path: str | None = None) -> list[str]:
+    """One prompt per non-empty stripped line (see the module docstring). A bare built-in name reads package data."""
+    data, name = _read_bytes(path)
+    return split_prompts(data, name)
+
+
+def check_seed(value, flag: str = "--seed") -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise PromptError(f"{flag} must be an integer, not {value!r}")
+    if not 0 <= value <= SEED_MAX:
+        raise PromptError(f"{flag} must be between 0 and 2^63 - 1, not {value}")
+    return value
+
+
+@dataclass
+class PromptSet:
+    """Prompt texts before tokenisation, with where they came from (for provenance) and how to tokenise them."""
+    texts: list[str]
+    source: str                     # the file (or built-in name) read, or "<list>"
+    sha256: str                     # of the file's bytes (or of the texts joined by "\n" for a list)
+    bos: str = "auto"
+    shuffle_seed: int | None = None
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def tokenize(self, tokenizer) -> "Prompts":
+        key = id(tokenizer)
+        if key not in self._cache:
+            p = tokenize(tokenizer, self.texts, bos=self.bos, shuffle_seed=self.shuffle_seed)
+            p.source, p.sha256 = self.source, self.sha256
+            self._cache[key] = p
+        return self._cache[key]
+
+
+def load_prompts(file_or_list=None, bos: str = "auto", shuffle_seed: int | None = None,
+                 max_prompts: int | None = None) -> PromptSet:
+    """A PromptSet from a prompt file (a path or a built-in name; default prose56.txt) or a list of strings."""
+    if bos not in ("auto", "always", "never"):
+        raise PromptError(f"--bos must be auto, always or never, not {bos!r}")
+    check_seed(shuffle_seed, "--shuffle-seed")
+    if max_prompts is not None and (isinstance(max_prompts, bool) or not isinstance(max_prompts, int)
+                                    or max_prompts < 1):
+        raise PromptError(f"--max-prompts must be >= 1, not {max_prompts}")
+    if file_or_list is None or isinstance(file_or_list, (str, Path)):
+        data, name = _read_bytes(None if file_or_list is None else str(file_or_list))
+        texts, source, digest = split_prompts(data, name), name, hashlib.sha256(data).hexdigest()
+    else:
+        texts = [str(t) for t in file_or_list]
+        bad = [i for i, t in enumerate(texts) if not t.strip()]
+        if not texts or bad:
+            raise PromptError("the prompt list is empty" if not texts else f"prompt {bad[0]} of the list is empty")
+        source, digest = "<list>", hashlib.sha256("\n".join(texts).encode("utf-8")).hexdigest()
+    if max_prompts is not None:
+        texts = texts[:max_prompts]
+    return PromptSet(texts, source, digest, bos=bos, shuffle_seed=shuffle_seed)
+
+
 @dataclass
 class Prompts:
-    """Tokenised prompts. ids[n] is a 1-D LongTensor; `n_special[n]` leading ids are special tokens."""
+    """Tokenised prompts. ids[n] is a 1-D LongTensor."""
     texts: list[str]
     ids: list[torch.Tensor]
     bos: str
     shuffle_seed: int | None
+    source: str = "<list>"          # where the texts came from (PromptSet.source)
+    sha256: str | None = None       # of the prompt file (PromptSet.sha256)
+    notes: list[str] = field(default_factory=list)   # e.g. which prompts were truncated
 
     @property
     def lengths(self) -> list[int]:
@@ -83,9 +167,38 @@ def tokenize(tokenizer, texts: list[str], bos: str = "auto", shuffle_seed: int |
             perm = torch.randperm(len(ids) - n_lead, generator=gen) + n_lead
             t = torch.cat([t[:n_lead], t[perm]])
         out.append(t)
-    if any(len(t) == 0 for t in out):
-        raise PromptError("a prompt tokenised to zero tokens")
+    empty = [i for i, t in enumerate(out) if len(t) == 0]
+    if empty:
+        raise PromptError(f"prompt {empty[0] + 1} ({texts[empty[0]][:40]!r}) tokenised to zero tokens")
     return Prompts(texts=list(texts), ids=out, bos=bos, shuffle_seed=shuffle_seed)
+
+
+def fit_to_model(prompts: Prompts, max_positions: int | None, truncate: bool = False) -> Prompts:
+    """Refuse prompts longer than the model's maximum positions, naming the first such prompt and the limit; with
+    `truncate`, cut them to the limit instead and say so in `prompts.notes`. Returns the (possibly new) Prompts."""
+    if not max_positions:
+        return prompts
+    long = [i for i, t in enumerate(prompts.ids) if len(t) > max_positions]
+    if not long:
+        return prompts
+    if not truncate:
+        i = long[0]
+        raise PromptError(
+            f"prompt {i + 1} ({prompts.texts[i][:40]!r}...) has {len(prompts.ids[i])} tokens, more than this model's "
+            f"{max_positions} positions ({len(long)} prompt(s) are too long); shorten them or pass --truncate")
+    ids = [t[:max_positions] if len(t) > max_positions else t for t in prompts.ids]
+    note = (f"{len(long)} prompt(s) longer than the model's {max_positions} positions were truncated to "
+            f"{max_positions} tokens (--truncate): prompt(s) {', '.join(str(i + 1) for i in long[:10])}"
+            + (" ..." if len(long) > 10 else ""))
+    return Prompts(texts=prompts.texts, ids=ids, bos=prompts.bos, shuffle_seed=prompts.shuffle_seed,
+                   source=prompts.source, sha256=prompts.sha256, notes=prompts.notes + [note])
+
+
+def truncate_to(prompts: Prompts, length: int) -> Prompts:
+    """Every prompt cut to its first `length` tokens (e.g. Gu et al.'s T = 64)."""
+    ids = [t[:length] for t in prompts.ids]
+    return Prompts(texts=prompts.texts, ids=ids, bos=prompts.bos, shuffle_seed=prompts.shuffle_seed,
+                   source=prompts.source, sha256=prompts.sha256, notes=list(prompts.notes))
 
 
 @dataclass

@@ -25,6 +25,7 @@ class RunContext:
     notes: list[str] = field(default_factory=list)  # one-line remarks that the report prints and saves
 
     def __post_init__(self):
+        self.notes = list(getattr(self.prompts, "notes", [])) + list(self.notes)
         if self.batch_size == "auto":
             cfg = self.lm.config
             cap = auto_batch_size(

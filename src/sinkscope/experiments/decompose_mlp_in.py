@@ -21,6 +21,7 @@ import torch
 from ..result import Result
 from .. import stats
 from ..interventions import project_out_token
+from ..errors import UsageError
 from ..runner import RunContext, valid_rows
 from .find_mlp_subspace import capture_mlp
 from .mlp_common import Table, ZStackRow, check_te_args, choose_dims, mlp_math, tokens_for, zstack_row
@@ -100,6 +101,10 @@ def run_decompose_mlp_in(ctx: RunContext, layer: int, sink_tok: int = 0, ref_tok
     layers = later_layers(ctx, layer)
     check_te_args(te_k, te_mass)
     tokens = tokens_for(ctx, sink_tok, ref_tok)
+    n_both = sum(1 for n in ctx.prompts.lengths if n > max(sink_tok, ref_tok))
+    if n_both < 2:
+        raise UsageError(f"--decompose-mlp-in compares token {sink_tok} with token {ref_tok} across prompts and needs "
+                         f"at least 2 prompts that have both; {n_both} has (use more or longer prompts)")
     mm = mlp_math(lm, layer)
     cache = capture_mlp(ctx, layer, tokens, mm.gated, desc=f"decompose-mlp-in L{layer}")
     x, z = cache["hook_mlp_in"], cache["mlp.hook_post"]
