@@ -123,6 +123,35 @@ def decompose_mlp_in(lm, prompts=None, *, layer: int, sink_tok: int = 0, ref_tok
         te_k=te_k, te_mass=te_mass, seed=seed), **run)
 
 
+def explain(lm, prompts=None, *, thresholds=None, seed: int = 19, n_controls: int = 10, n_random: int = 2,
+            metrics: bool = True, **run):
+    """`sinkscope explain`: where and how the model's sink forms, tested (docs/explain.md). thresholds: an
+    ExplainThresholds or a dict overriding some of its fields. Returns an ExplainResult (.save writes
+    OUTDIR/explain/report.{html,json,md})."""
+    from .experiments.explain import run_explain
+    from .experiments.explain_core import ExplainThresholds
+    if isinstance(thresholds, dict):
+        unknown = sorted(set(thresholds) - set(ExplainThresholds.names()))
+        if unknown:
+            raise checks.UsageError(f"unknown explain threshold(s): {', '.join(unknown)}; known: "
+                                    f"{', '.join(ExplainThresholds.names())}")
+        thresholds = ExplainThresholds(**thresholds)
+    thresholds = (thresholds or ExplainThresholds()).check()
+    return _run("explain", run_explain, lm, prompts, dict(thresholds=thresholds, seed=seed, n_controls=n_controls,
+                                                          n_random=n_random, metrics=metrics), **run)
+
+
+def explain_compare(results):
+    """Several `explain` results side by side: .save(outdir) writes one report with a column per model."""
+    from .experiments.explain import compare
+    from .provenance import versions
+    res = compare(results)
+    res.meta = {"mode": "explain", "argv": _ARGV.get(), "models": [r.meta for r in res.results],
+                "versions": versions()}
+    return res
+
+
 MODES = ("scan", "decompose_output", "find_mlp_subspace", "ablate_mlp_out", "decompose_mlp_in")
 
 __all__ = ["load", "prompts", "tokenized", "invoked_as", *MODES]
+__all__ += ["explain", "explain_compare"]

@@ -167,6 +167,9 @@ def run(args, argv: list[str]) -> int:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "explain":
+        from . import cli_explain
+        return cli_explain.main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if not chosen_modes(args):
