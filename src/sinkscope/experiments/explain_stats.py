@@ -12,6 +12,7 @@ Every function takes tensors or arrays that the observation pass (explain_observ
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,7 +20,7 @@ import torch
 
 from .. import stats
 
-__all__ = ["nanmedian", "layer_ratios", "find_runs", "BirthScan", "scan_births", "writer_shares",
+__all__ = ["nanmedian", "nanmedian_dim", "layer_ratios", "find_runs", "BirthScan", "scan_births", "writer_shares",
            "adaptive_k", "group_comparison", "bootstrap_mean_ci", "later_means", "relative_change"]
 
 
@@ -28,6 +29,15 @@ def nanmedian(x) -> float:
     a = np.asarray(torch.as_tensor(x, dtype=torch.float64).flatten().cpu())
     a = a[np.isfinite(a)]
     return float(np.median(a)) if a.size else float("nan")
+
+
+def nanmedian_dim(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Median over `dim` of the finite entries, averaging the two middle values (numpy's median, not torch's
+    lower median); NaN where a slice has none."""
+    a = torch.as_tensor(x, dtype=torch.float64).cpu().numpy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)   # all-NaN slices -> NaN
+        return torch.from_numpy(np.nanmedian(a, axis=dim))
 
 
 def _nanmean(x) -> float:
@@ -63,7 +73,7 @@ def layer_ratios(norms: torch.Tensor) -> dict[str, list[float]]:
         out["norm_others"].append(nanmedian(y[:, l, 1:]))
         for key, v in (("massive", y[:, l]), ("resid0_ratio", r[:, l]), ("attn_ratio", norms[:, l, 1]),
                        ("mlp_ratio", norms[:, l, 2])):
-            others = torch.nanmedian(v[:, 1:], dim=1).values  # per prompt (NaN when it has no other token)
+            others = nanmedian_dim(v[:, 1:], 1)  # per prompt (NaN when it has no other token)
             out[key].append(nanmedian(v[:, 0] / others.clamp_min(stats.EPS)))
     return out
 

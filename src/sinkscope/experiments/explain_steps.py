@@ -108,8 +108,8 @@ def what_mlp(lm, l: int, z0: torch.Tensor, x: torch.Tensor, labels: list[str], t
 
 def what_attention(obs, l: int, t: ExplainThresholds) -> dict:
     """Which heads write token 0's attention output at block l: each head's median share of the pre-norm output."""
-    share = torch.nanmedian(obs.head_share[:, l], dim=0).values
-    norm = torch.nanmedian(obs.head_norm[:, l], dim=0).values
+    share = es.nanmedian_dim(obs.head_share[:, l], 0)
+    norm = es.nanmedian_dim(obs.head_norm[:, l], 0)
     order = torch.argsort(share, descending=True).tolist()
     cum, k = 0.0, len(order)
     for i, h in enumerate(order):
