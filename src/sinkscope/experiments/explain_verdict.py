@@ -272,10 +272,15 @@ def _summary(r: ExplainResult) -> str:
             else:
                 s[-1] += ": (B) holds against every baseline group."
     if w["minor_jumps"] or w["drops"]:
-        s.append("Below the birth threshold, "
-                 + (f"token 0's norm also rises at block(s) {ranges(w['minor_jumps'])}" if w["minor_jumps"] else "")
-                 + (" and" if w["minor_jumps"] and w["drops"] else "")
-                 + (f" falls at block(s) {ranges(w['drops'])}" if w["drops"] else "") + ".")
+        bits = ([f"rises at block(s) {ranges(w['minor_jumps'])} (too little for a birth)"] if w["minor_jumps"]
+                else []) + ([f"falls at block(s) {ranges(w['drops'])}"] if w["drops"] else [])
+        s.append(f"Outside the birth layers, token 0's norm also {' and '.join(bits)}.")
+    if w.get("large_mlp_writes"):
+        after = [l for l in w["large_mlp_writes"] if r.birth_layers and l > max(r.birth_layers)]
+        s.append(f"Token 0 also receives large MLP writes (>= {t.massive_ratio}× the other tokens') at block(s) "
+                 f"{ranges(w['large_mlp_writes'])}" + (f"; those after the birth ({ranges(after)}) are left in place "
+                                                       f"by (A)." if after and r.claim("A_causal").holds is False
+                                                       else "."))
     s.append(f"Verdict: {r.verdict} — {r.headline}.")
     return " ".join(s)
 
