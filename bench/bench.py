@@ -140,7 +140,7 @@ def build_model(args):
 
 
 def build_prompts(args, lm):
-    from sinkscope.prompts import Prompts, read_prompt_file, tokenize
+    from sinkscope.promptset import Prompts, read_prompt_file, tokenize
     vocab = lm.config.vocab_size
     lengths = None
     if args.seq_len is not None:

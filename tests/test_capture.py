@@ -6,7 +6,7 @@ import torch
 from sinkscope.arch import ADAPTERS, UnsupportedModelError, get_adapter, get_module
 from sinkscope.capture import Capture
 from sinkscope.hooks import SITES, parse_site
-from sinkscope.prompts import make_batches, tokenize
+from sinkscope.promptset import make_batches, tokenize
 from sinkscope.testing import FAMILIES, tiny_config, tiny_model
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "short", "Attention sinks form early in the stack, maybe."]

@@ -10,7 +10,7 @@ import pytest
 from sinkscope.experiments.decompose_output import run_decompose_output
 from sinkscope.experiments.scan import run_scan
 from sinkscope.model import builtin_gguf_path, cache_dir, load_model, resolve_source
-from sinkscope.prompts import read_prompt_file, tokenize
+from sinkscope.promptset import read_prompt_file, tokenize
 from sinkscope.runner import RunContext
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,7 +10,7 @@ import pytest
 from sinkscope.experiments.ablate_mlp_out import run_ablate_mlp_out
 from sinkscope.experiments.decompose_mlp_in import N_PERM, run_decompose_mlp_in
 from sinkscope.experiments.find_mlp_subspace import run_find_mlp_subspace
-from sinkscope.prompts import read_prompt_file, tokenize
+from sinkscope.promptset import read_prompt_file, tokenize
 from sinkscope.runner import RunContext
 
 pytestmark = pytest.mark.slow

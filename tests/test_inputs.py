@@ -162,7 +162,7 @@ def test_prompts_longer_than_the_model_are_refused_or_truncated_on_request(tiny_
 # -- 6. byte-order mark and line separators -------------------------------------------------------------------
 
 def test_bom_is_dropped_and_only_newlines_split(tiny_dir, tmp_path, capsys):
-    from sinkscope.prompts import read_prompt_file
+    from sinkscope.promptset import read_prompt_file
     f = write(tmp_path, "bom.txt", "\ufefffirst prompt\u2028same line\r\nsecond\x0cstill second\n")
     assert read_prompt_file(f) == ["first prompt\u2028same line", "second\x0cstill second"]
     rc, out, err = cli(["--decompose-output", "--layer", "0", "--tokens", "0", "--model", tiny_dir, "--prompt-file",

@@ -6,7 +6,7 @@ import torch
 
 from sinkscope.capture import Capture
 from sinkscope.interventions import edit_site, edit_sites, project_out_token, replace_token, scale_token
-from sinkscope.prompts import make_batches, tokenize
+from sinkscope.promptset import make_batches, tokenize
 from sinkscope.testing import tiny_model
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Sinks form early.", "A third prompt, a bit longer than that."]

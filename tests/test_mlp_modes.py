@@ -17,7 +17,7 @@ from sinkscope.experiments.find_mlp_subspace import run_find_mlp_subspace
 from sinkscope.experiments.mlp_common import mlp_math
 from sinkscope.experiments.sinkattn import run_sink_pass
 from sinkscope.interventions import project_out_token, scale_token
-from sinkscope.prompts import tokenize
+from sinkscope.promptset import tokenize
 from sinkscope.report.mlp_plots import zoom_limit
 from sinkscope.runner import RunContext
 from sinkscope.testing import FAMILIES, tiny_model

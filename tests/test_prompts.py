@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sinkscope.prompts import BUILTIN_PROMPT_FILES, PromptError, make_batches, read_prompt_file, tokenize
+from sinkscope.promptset import BUILTIN_PROMPT_FILES, PromptError, make_batches, read_prompt_file, tokenize
 from sinkscope.testing import byte_tokenizer
 
 

@@ -19,7 +19,7 @@ from sinkscope.capture import Capture
 from sinkscope.experiments import scan as scan_mod
 from sinkscope.experiments.decompose_output import run_decompose_output
 from sinkscope.experiments.scan import run_scan
-from sinkscope.prompts import make_batches, tokenize
+from sinkscope.promptset import make_batches, tokenize
 from sinkscope.runner import RunContext
 from sinkscope.testing import FAMILIES, tiny_model
 
@@ -185,7 +185,7 @@ def test_auto_batch_size_bounds_padding():
     import json
     from pathlib import Path
 
-    from sinkscope.prompts import choose_batch_size, padded_tokens
+    from sinkscope.promptset import choose_batch_size, padded_tokens
     lengths = json.loads((Path(__file__).resolve().parents[1] / "bench" / "data" / "prose56_lengths.json").read_text())
     cpu, cuda = torch.device("cpu"), torch.device("cuda")  # device objects only: no GPU needed
     assert padded_tokens([1, 2, 3], 2) == 7

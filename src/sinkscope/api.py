@@ -22,7 +22,7 @@ from typing import Sequence
 
 from . import checks
 from .model import DEFAULT_MODEL, LoadedModel, load_model
-from .prompts import PromptSet, Prompts, fit_to_model, load_prompts
+from .promptset import PromptSet, Prompts, fit_to_model, load_prompts
 from .provenance import provenance
 from .runner import RunContext
 

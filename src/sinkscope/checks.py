@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 from .errors import UsageError
-from .prompts import SEED_MAX
+from .promptset import SEED_MAX
 
 # MLP width attributes by family (the first one present wins); MoE configs name the per-expert width.
 FFN_WIDTH_ATTRS = ("moe_intermediate_size", "intermediate_size", "ffn_dim", "n_inner", "ffn_hidden_size")

@@ -121,7 +121,7 @@ def _describe_prompts(lm, prompts) -> str:
 
 def check_run_args(args) -> None:
     """Flag values that belong to no single mode."""
-    from .prompts import check_seed
+    from .promptset import check_seed
     if args.batch_size != "auto" and args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1 or auto, not {args.batch_size}")
     if args.heatmap_size < 1:

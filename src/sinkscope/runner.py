@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from .errors import UsageError
 from .model import LoadedModel
-from .prompts import Batch, PromptError, Prompts, auto_batch_size, choose_batch_size, make_batches
+from .promptset import Batch, PromptError, Prompts, auto_batch_size, choose_batch_size, make_batches
 
 QUERY_START = 4  # the reference's first query position for sink attention and cos(Q, K)
 

@@ -16,7 +16,7 @@ import torch
 
 from .. import stats
 from ..capture import Capture
-from ..prompts import Batch
+from ..promptset import Batch
 from ..runner import QUERY_START, RunContext
 from . import scan
 
