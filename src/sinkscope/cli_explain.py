@@ -77,7 +77,7 @@ def _same_model(a: str, b: str) -> bool:
 def check_args(args):
     """Every value, before any file or model is read; returns the thresholds."""
     from .experiments.explain_core import ExplainThresholds
-    from .prompts import check_seed
+    from .promptset import check_seed
     models = args.model or ["smollm2-135m"]
     for i, a in enumerate(models):
         if not a.strip():

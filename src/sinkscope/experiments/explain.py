@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from ..checks import ffn_width
 from ..errors import UsageError
-from ..prompts import fit_to_model, tokenize
+from ..promptset import fit_to_model, tokenize
 from ..runner import RunContext
 from . import explain_stats as es
 from . import explain_steps as steps
