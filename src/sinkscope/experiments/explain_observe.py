@@ -123,6 +123,9 @@ def observe(ctx: RunContext, positions: torch.Tensor, labels: list[str], xz_laye
                 head_acc[l].update(p[ok])
                 v = c[f"blocks.{l}.attn.hook_v"][:, 0].float()                  # [B, H, d]
                 W, bias = o_proj[l]
+                if W.device != v.device:          # a model spread over several devices
+                    W, bias = W.to(v.device), None if bias is None else bias.to(v.device)
+                    o_proj[l] = (W, bias)
                 Hh, d = v.shape[1], v.shape[2]
                 w = torch.einsum("bhd,ohd->bho", v, W.view(W.shape[0], Hh, d))  # [B, H, D]
                 pre = w.sum(1) + (0 if bias is None else bias)
