@@ -285,6 +285,19 @@ def planted_attention_model():
     return lm
 
 
+def test_planted_without_room_for_x_and_z_reads_them_again(planted, monkeypatch):
+    """Over the x/z memory budget, a second partial pass reads them at the birth layers: same numbers."""
+    from sinkscope.experiments import explain as ex
+    lm, ctx, r = planted
+    monkeypatch.setattr(ex, "XZ_BUDGET_BYTES", 0)
+    r2 = run_explain(ctx, n_controls=4)
+    assert r2.passes["what"] == pytest.approx(2 / 3) and any("second, partial pass" in n for n in r2.notes)
+    assert r2.steps["what"][0]["dims"] == r.steps["what"][0]["dims"]
+    g, g2 = (x.steps["B_geometric"]["layers"][0]["directions"][0]["groups"]["tok8"] for x in (r, r2))
+    assert g2["mean0"] == pytest.approx(g["mean0"], rel=1e-5) and g2["d"] == pytest.approx(g["d"], rel=1e-5)
+    assert r2.claim("A_causal").numbers == r.claim("A_causal").numbers
+
+
 def test_planted_attention_birth_is_a_different_mechanism():
     """A massive activation written by the attention: the verdict must say so, not force the MLP story."""
     r = run_explain(_ctx(planted_attention_model(), bos="always"), n_controls=1)

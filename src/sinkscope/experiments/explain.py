@@ -121,7 +121,7 @@ def run_explain(ctx: RunContext, thresholds: ExplainThresholds | None = None, se
     L, N = lm.n_layers, len(ctx.prompts)
     lengths = ctx.prompts.lengths
     positions, labels = _positions(lengths, n_random, seed)
-    seconds, passes, notes = {}, {}, list(ctx.notes)
+    seconds, passes, notes = {}, {}, []
     F = ffn_width(lm.config) or 4 * lm.config.hidden_size
     keep_xz = xz_bytes(N, L, len(labels), lm.config.hidden_size, F) <= XZ_BUDGET_BYTES
 
@@ -164,16 +164,21 @@ def run_explain(ctx: RunContext, thresholds: ExplainThresholds | None = None, se
     if not dims:
         geo["skipped"] = "no MLP-written birth layer" if births else "no birth layer"
     else:
-        sctx, same = shuffled_context(ctx, seed)
-        frac = (max(dims) + 1) / L
-        with step_bar(sctx, f"explain 5/{N_STEPS} (B) geometric: shuffled prompts", frac, seconds, "B_geometric"):
-            sobs = observe(sctx, torch.zeros(N, 1, dtype=torch.long), ["tok0"], xz_layers=sorted(dims), full=False,
-                           desc="x at token 0, shuffled prompts")
-        passes["B_geometric"] = frac
+        sobs, same = None, None
+        if lm.tokenizer is not None:
+            sctx, same = shuffled_context(ctx, seed)
+            frac = (max(dims) + 1) / L
+            with step_bar(sctx, f"explain 5/{N_STEPS} (B) geometric: shuffled prompts", frac, seconds, "B_geometric"):
+                sobs = observe(sctx, torch.zeros(N, 1, dtype=torch.long), ["tok0"], xz_layers=sorted(dims),
+                               full=False, desc="x at token 0, shuffled prompts")
+            passes["B_geometric"] = frac
+        else:
+            notes.append("(B): no tokenizer, so no shuffled prompts; the shuffled group is left out")
         t0 = time.perf_counter()
         for l, d in sorted(dims.items()):
-            geo["layers"].append(steps.geometric(lm, l, d, obs.x[l], labels, sobs.x[l][:, 0], same, t, seed))
-        seconds["B_geometric"] += time.perf_counter() - t0
+            geo["layers"].append(steps.geometric(lm, l, d, obs.x[l], labels, None if sobs is None else sobs.x[l][:, 0],
+                                                 same, t, seed))
+        seconds["B_geometric"] = seconds.get("B_geometric", 0.0) + time.perf_counter() - t0
 
     # 4. (A)
     causal = {"skipped": None}
@@ -199,7 +204,7 @@ def run_explain(ctx: RunContext, thresholds: ExplainThresholds | None = None, se
         token0=token0, sink_layers=where["sink_layers"], birth_layers=births,
         steps={"where": where, "who": who, "what": what, "A_causal": causal, "B_geometric": geo,
                "metrics": metric_numbers},
-        passes=passes, seconds=seconds, notes=list(dict.fromkeys(notes)))
+        passes=passes, seconds=seconds, notes=list(dict.fromkeys(list(ctx.notes) + notes)))
     if metric_numbers is None:
         res.notes.append("literature metrics (Sink_1^eps, secondary sinks, super weight): not available in this "
                          "build" if not metrics_supported() else "literature metrics: not run (metrics=False)")

@@ -223,11 +223,19 @@ def _verdict_block(r: ExplainResult, level: int) -> str:
         table(["name", "value", "meaning"], md.thresholds_rows(r.thresholds))])
 
 
+def _token0_words(tok: dict) -> str:
+    if tok["is_bos"]:
+        return f"the BOS token {tok['token']!r} in every prompt"
+    if tok["is_special"]:
+        return f"a special token ({tok['token']!r} most often)"
+    return f"the first word of each prompt ({tok['n_distinct']} distinct; {tok['text'].strip()!r} most often)"
+
+
 def _steps_block(r: ExplainResult, level: int) -> str:
     h = f"h{level}"
     w = r.steps["where"]
     out = [f"<{h}>Where</{h}>",
-           f"<p>Token 0 is {_e('the BOS token ' + repr(r.token0['token']) if r.token0['is_bos'] else repr(r.token0['text']) + ' (a word)')}. "
+           f"<p>Token 0 is {_e(_token0_words(r.token0))}. "
            f"Birth layers: <b>{_e(ranges(w['birth_layers']))}</b>; sink layers: {_e(ranges(w['sink_layers']))}; "
            f"smaller jumps: {_e(ranges(w['minor_jumps']))}; drops: {_e(ranges(w['drops']))}.</p>",
            _img(plot_where(r), "where plot"), table(*md.where_rows(r))]

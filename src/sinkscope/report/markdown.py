@@ -159,9 +159,17 @@ def comparison_rows(c: ExplainComparison) -> tuple[list[str], list[list]]:
             return f"{cl.mark} {cl.numbers['baseline']:.2f} → {cl.numbers['ablated']:.2f} " \
                    f"(controls {cl.numbers['controls_mean']:.2f})"
         if cid == "B_geometric" and cl.holds is not None:
-            ds = [g["d"] for lay in cl.numbers.values() for k, g in lay.items()
-                  if isinstance(g, dict) and g.get("informative")]
-            return f"{cl.mark} min d {fnum(min(ds))}" if ds else cl.mark
+            parts = []
+            for lay in cl.numbers.values():
+                d = {n: g["d"] for n, g in lay["groups"].items() if g["informative"]}
+                rest = [v for n, v in d.items() if n != "shuffled"]
+                txt = f"min d {fnum(min(rest))}" if rest else ""
+                if "shuffled" in d:
+                    txt += f", shuffled d {fnum(d['shuffled'])}"
+                if lay["fails"] == ["shuffled"]:
+                    txt += " (fails only vs shuffled: the first position, not the word)"
+                parts.append(txt.strip(", "))
+            return f"{cl.mark} " + "; ".join(parts)
         return cl.mark
 
     def sink_rate(r):
@@ -176,7 +184,8 @@ def comparison_rows(c: ExplainComparison) -> tuple[list[str], list[list]]:
         return "none" if not sw else f"L{sw.get('layer')} [{sw.get('row')}, {sw.get('col')}] = {fnum(sw.get('value'))}"
 
     rows = [["verdict"] + [r.verdict for r in rs],
-            ["token 0"] + [f"{'BOS ' if r.token0['is_bos'] else ''}{r.token0['token']!r}" for r in rs],
+            ["token 0"] + [f"BOS {r.token0['token']!r}" if r.token0["is_bos"] else
+                           f"first word ({r.token0['text'].strip()!r} most often)" for r in rs],
             ["layers"] + [r.n_layers for r in rs],
             ["sink layers"] + [ranges(r.sink_layers) for r in rs],
             ["birth layers"] + [ranges(r.birth_layers) for r in rs],
