@@ -1,39 +1,58 @@
-"""Capture invariants on tiny random-init models of every family in the adapter table."""
+"""Capture invariants on tiny random-init models of every family in the adapter table (and the variants whose
+config flags change the forward): r + a + m == y == the model's hidden state, softmax(q.k) == the model's own
+eager attention (learned sinks included), MLP internals compose to z, and the forward under a Capture is
+bit-identical to the forward without it."""
 
 import pytest
 import torch
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from sinkscope.arch import ADAPTERS, UnsupportedModelError, get_adapter, get_module
+from sinkscope.arch import (ADAPTERS, UnsupportedModelError, get_adapter, get_module, mlp_input_norm, resolve)
 from sinkscope.capture import Capture
-from sinkscope.hooks import SITES, parse_site
+from sinkscope.hooks import SITES, SiteUnavailable, parse_site, site_available
 from sinkscope.prompts import make_batches, tokenize
-from sinkscope.testing import FAMILIES, tiny_config, tiny_model
+from sinkscope.testing import ALL_FAMILIES, VARIANTS, tiny_config, tiny_model
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "short", "Attention sinks form early in the stack, maybe."]
+CASES = list(ALL_FAMILIES) + list(VARIANTS)
 
 
 def all_sites(lm):
-    return {s: None for s in SITES if lm.adapter.gated or s != "mlp.hook_pre_linear"}
+    """Every site this model has somewhere (attention sites land in its softmax-attention blocks)."""
+    out = {}
+    for s in SITES:
+        why = [site_available(lm, l, s) for l in range(lm.n_layers)]
+        if all(w is None or "softmax attention" in w for w in why) and any(w is None for w in why):
+            out[s] = None
+    return out
 
 
 def no_hooks(model):
     return all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
 
 
+_EAGER: dict = {}
+
+
 def eager_reference(lm, batch):
-    impl = lm.model.config._attn_implementation
-    lm.model.config._attn_implementation = "eager"
-    try:
+    """The model's own hidden states and eager attention probabilities, from an eager twin (same seed, same
+    weights): switching a loaded model's implementation is not possible for every class (Falcon)."""
+    if lm.name not in _EAGER:
+        twin = tiny_model(lm.name, attn_implementation="eager")
+        assert all(torch.equal(a, b) for a, b in zip(twin.model.parameters(), lm.model.parameters()))
         with torch.no_grad():
-            return lm.body(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                           output_attentions=True, output_hidden_states=True, use_cache=False)
-    finally:
-        lm.model.config._attn_implementation = impl
+            _EAGER[lm.name] = twin.body(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                        output_attentions=True, output_hidden_states=True, use_cache=False)
+    out = _EAGER[lm.name]
+    assert len(out.attentions) == len(lm.attention_layers)
+    out.by_layer = dict(zip(lm.attention_layers, out.attentions))  # hybrid models: softmax blocks only
+    return out
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
+@pytest.fixture(scope="module", params=CASES)
 def fam(request):
     lm = tiny_model(request.param)
+    lm.name = request.param
     batch = make_batches(tokenize(lm.tokenizer, TEXTS), batch_size=3)[0]
     with Capture(lm, all_sites(lm)) as cap:
         cache = cap.forward(batch)
@@ -41,18 +60,34 @@ def fam(request):
 
 
 def test_every_family_in_the_table_has_a_tiny_model():
-    assert set(FAMILIES) == set(ADAPTERS) - {"gemma3"}  # gemma3 (vision) shares gemma3_text's block
+    assert set(ALL_FAMILIES) == set(ADAPTERS)
+    assert {f for f, _ in VARIANTS.values()} <= set(ALL_FAMILIES)
 
 
 def test_adapter_paths_resolve(fam):
     lm, _, _ = fam
     a = lm.adapter
-    block = lm.layers[0]
-    for path in (a.attn, a.o, a.attn_norm, a.mlp_norm, a.attn_post_norm, a.mlp_post_norm, a.mlp_in, a.mlp_out,
-                 a.gate, a.up, a.down, a.act, a.q, a.k, a.v, a.qkv, *(a.qk_norm or ())):
+    block = lm.layers[lm.attention_layers[0]]
+    dense = a.mlp_kind != "moe" and resolve(block, a.down) is not None
+    paths = [a.attn, a.o, a.attn_norm, a.attn_post_norm, a.mlp_post_norm, a.mlp_in, a.mlp_out, a.attn_gate,
+             a.q, a.k, a.v, a.qkv]
+    if dense:
+        paths += [a.gate, a.up, a.down, a.act]
+    if lm.name in ALL_FAMILIES:  # the tiny configs switch optional QK-norms on; some variants switch them off
+        paths += list(a.qk_norm or ())
+    for path in paths:
         if path is not None:
             assert isinstance(get_module(block, path), torch.nn.Module), path
+    if a.mlp_norm is not None and not a.is_parallel(lm.config):
+        assert resolve(block, a.mlp_norm) is not None, a.mlp_norm  # only a parallel block may share attn_norm
+    if a.attn_norm is not None:
+        assert mlp_input_norm(a, block, lm.config) is not None
     assert isinstance(get_module(lm.model, a.final_norm), torch.nn.Module)
+    if a.attn_sinks:
+        assert isinstance(getattr(get_module(block, a.attn), a.attn_sinks), torch.nn.Parameter)
+    if a.linear_mixer:
+        others = [l for l in range(lm.n_layers) if l not in lm.attention_layers]
+        assert others and all(resolve(lm.layers[l], a.linear_mixer) is not None for l in others)
 
 
 def test_residual_decomposition_r_plus_a_plus_m_is_y(fam):
@@ -67,6 +102,7 @@ def test_residual_decomposition_r_plus_a_plus_m_is_y(fam):
 def test_block_output_is_next_input_and_the_models_hidden_state(fam):
     lm, batch, c = fam
     ref = eager_reference(lm, batch)
+    assert len(ref.hidden_states) == lm.n_layers + 1
     for l in range(lm.n_layers):
         y = c[f"blocks.{l}.hook_resid_post"]
         if l + 1 < lm.n_layers:
@@ -82,15 +118,16 @@ def test_softmax_of_captured_q_k_reproduces_the_models_attention(fam):
     lm, batch, c = fam
     ref = eager_reference(lm, batch)
     cfg = lm.config
-    for l in range(lm.n_layers):
+    assert set(ref.by_layer) == {l for l in range(lm.n_layers) if f"blocks.{l}.attn.hook_q" in c}
+    for l, A in ref.by_layer.items():
         q, k = c[f"blocks.{l}.attn.hook_q"], c[f"blocks.{l}.attn.hook_k"]  # [B, S, H, d], GQA-expanded
         assert q.shape == k.shape and q.shape[2] == cfg.num_attention_heads
         p = c[f"blocks.{l}.attn.hook_pattern"]
         for i, n in enumerate(batch.lengths.tolist()):
-            torch.testing.assert_close(p[i, :, :n, :n], ref.attentions[l][i, :, :n, :n].float(), rtol=1e-5, atol=1e-6)
-        if lm.adapter.model_type in ("gemma2",):  # soft-capped logits: checked through the pattern above
+            torch.testing.assert_close(p[i, :, :n, :n], A[i, :, :n, :n].float(), rtol=1e-5, atol=1e-6)
+        if getattr(cfg, "attn_logit_softcapping", None):  # soft-capped logits: checked through the pattern above
             continue
-        # softmax(q k^T * scale + causal mask) from the captured tensors alone
+        # softmax(q k^T * scale + causal mask [, learned sink]) from the captured tensors alone
         i, n = 0, int(batch.lengths[0])
         scale = _scaling(lm, l, q.shape[-1])
         logits = torch.einsum("qhd,khd->hqk", q[i, :n], k[i, :n]) * scale
@@ -98,8 +135,15 @@ def test_softmax_of_captured_q_k_reproduces_the_models_attention(fam):
         window = getattr(cfg, "sliding_window", None)
         if window and _is_sliding(lm, l):
             allowed &= ~torch.ones(n, n, dtype=torch.bool).tril(-window)
-        probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
-        torch.testing.assert_close(probs, ref.attentions[l][i, :, :n, :n].float(), rtol=1e-5, atol=1e-6)
+        logits = logits.masked_fill(~allowed, float("-inf"))
+        sinks = _sinks(lm, l)
+        if sinks is not None:
+            with_sink = torch.cat([logits, sinks.view(-1, 1, 1).expand(-1, n, 1)], dim=-1)
+            probs = torch.softmax(with_sink, dim=-1)[..., :-1]
+            assert (probs.sum(-1) < 1 - 1e-3).all()  # the sink takes a real share of every row
+        else:
+            probs = torch.softmax(logits, dim=-1)
+        torch.testing.assert_close(probs, A[i, :, :n, :n].float(), rtol=1e-5, atol=1e-6)
 
 
 def _scaling(lm, layer, d):
@@ -109,11 +153,25 @@ def _scaling(lm, layer, d):
 
 def _is_sliding(lm, layer):
     attn = get_module(lm.layers[layer], lm.adapter.attn)
-    return getattr(attn, "sliding_window", None) is not None or lm.adapter.model_type == "mistral"
+    types = getattr(lm.config, "layer_types", None)
+    if types is not None:
+        return types[layer] == "sliding_attention"
+    return getattr(attn, "sliding_window", None) is not None or lm.adapter.model_type in ("mistral", "starcoder2")
+
+
+def _sinks(lm, layer):
+    if not lm.adapter.attn_sinks:
+        return None
+    return getattr(get_module(lm.layers[layer], lm.adapter.attn), lm.adapter.attn_sinks).detach().float()
 
 
 def test_mlp_internals_compose_to_z(fam):
     lm, batch, c = fam
+    if "blocks.1.mlp.hook_post" not in c:  # a mixture of experts: the MLP sites say why they are missing
+        assert lm.adapter.mlp_kind == "moe" or lm.config.num_experts > 0
+        with pytest.raises(SiteUnavailable, match="dense MLP"):
+            Capture(lm, {"blocks.1.mlp.hook_post": [0]})
+        return
     act = get_module(lm.layers[1], lm.adapter.act)
     g, z = c["blocks.1.mlp.hook_pre"], c["blocks.1.mlp.hook_post"]
     expect = act(g) * c["blocks.1.mlp.hook_pre_linear"] if lm.adapter.gated else act(g)
@@ -137,26 +195,47 @@ def test_hooks_removed_and_attention_restored_even_on_exception():
     lm = tiny_model("qwen3")
     batch = make_batches(tokenize(lm.tokenizer, TEXTS), batch_size=3)[0]
     impl = lm.model.config._attn_implementation
+    registry = dict(ALL_ATTENTION_FUNCTIONS._local_mapping)
     with pytest.raises(RuntimeError, match="boom"):
         with Capture(lm, all_sites(lm)) as cap:
             cap.forward(batch)
             assert not no_hooks(lm.model)
+            assert ALL_ATTENTION_FUNCTIONS._local_mapping != registry  # the sdpa entry is wrapped
             raise RuntimeError("boom")
     assert no_hooks(lm.model)
     assert lm.model.config._attn_implementation == impl
+    assert ALL_ATTENTION_FUNCTIONS._local_mapping == registry
 
 
-def test_capture_leaves_outputs_and_weights_unchanged():
-    lm = tiny_model("gemma2")
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("case", CASES)
+def test_capture_leaves_every_forward_bit_identical(case, impl):
+    """Under a Capture of every site (and of sink columns, which take the SDPA-kernel path), the model's logits are
+    torch.equal to those without it; the weights, the config and the attention registry are unchanged after."""
+    from transformers import AutoModelForCausalLM
+    from sinkscope.testing import tiny_config, variant
+    family, overrides = variant(case)
+    cls = AutoModelForCausalLM._model_mapping[type(tiny_config(family))]
+    if impl == "sdpa" and not cls._supports_sdpa:  # Gemma 2, gpt-oss: the class refuses SDPA at load time
+        with pytest.raises(ValueError, match="does not support"):
+            tiny_model(case, attn_implementation="sdpa")
+        return
+    lm = tiny_model(case, attn_implementation=impl)
+    assert lm.attn_implementation == impl
     batch = make_batches(tokenize(lm.tokenizer, TEXTS), batch_size=3)[0]
     before = {k: v.clone() for k, v in lm.model.state_dict().items()}
-    with torch.no_grad():
-        ref = lm.body(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
-    with Capture(lm, all_sites(lm)):
-        with torch.no_grad():
-            out = lm.body(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
-    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    registry = dict(ALL_ATTENTION_FUNCTIONS._local_mapping)
+    run = lambda: lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # noqa: E731
+    with torch.inference_mode():
+        ref = run()
+        for sites in (all_sites(lm), {"attn.hook_pattern": [0, 3], "attn.hook_q": [0], "hook_mlp_out": [0]}):
+            with Capture(lm, sites) as cap:
+                out = run()
+                assert any(name.endswith("attn.hook_pattern") for name in cap.cache)  # attention was read
+            assert torch.equal(out, ref), (case, impl, float((out - ref).abs().max()))
     assert all(torch.equal(before[k], v) for k, v in lm.model.state_dict().items())
+    assert lm.attn_implementation == impl and ALL_ATTENTION_FUNCTIONS._local_mapping == registry
+    assert no_hooks(lm.model) and not any("forward" in vars(m) for m in lm.model.modules())
 
 
 def test_early_stop_runs_only_the_needed_layers():
@@ -187,6 +266,8 @@ def test_bad_sites_and_unsupported_architectures():
         get_adapter(Cfg())
     with pytest.raises(UnsupportedModelError, match="post-LN"):
         get_adapter(tiny_config("opt", do_layer_norm_before=False))
+    with pytest.raises(UnsupportedModelError, match="ALiBi"):
+        get_adapter(tiny_config("falcon", alibi=True))
 
 
 def test_bf16_model_captures_in_fp32():
