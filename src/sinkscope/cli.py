@@ -44,8 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
                    help="weights dtype; auto = fp32 on CPU, bf16 on CUDA. Statistics are always fp32")
     m.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N; auto spreads over all GPUs (accelerate)")
-    m.add_argument("--attn-impl", default="sdpa", choices=("sdpa", "eager"),
-                   help="attention kernel the model runs; sink attention is recomputed exactly either way")
+    m.add_argument("--attn-impl", default="auto", choices=("auto", "sdpa", "eager"),
+                   help="attention kernel the model runs (auto: sdpa where the model supports it, else eager); "
+                        "sink attention is recomputed exactly either way")
 
     d = p.add_argument_group("prompts")
     d.add_argument("--prompt-file", default="prose56.txt",
