@@ -281,3 +281,77 @@ def test_bf16_model_captures_in_fp32():
     for name, t in caps[1].items():
         assert t.dtype == torch.float32, name
         torch.testing.assert_close(t, caps[0][name], rtol=0.05, atol=0.02, equal_nan=True)
+
+
+# -- learned sinks, gated attention, hybrid blocks (issue 9 section 3) ----------------------------------------------
+
+def _batch(lm, texts=TEXTS):
+    return make_batches(tokenize(lm.tokenizer, texts), batch_size=len(texts))[0]
+
+
+def test_learned_sink_mass_closes_every_row_and_matches_the_sink_logits():
+    lm = tiny_model("gpt_oss")
+    batch = _batch(lm)
+    with Capture(lm, {"attn.hook_pattern": None, "attn.hook_sink_prob": None, "attn.hook_q": None,
+                      "attn.hook_k": None}) as cap:
+        c = cap.forward(batch)
+    for l in lm.attention_layers:
+        p, ps = c[f"blocks.{l}.attn.hook_pattern"], c[f"blocks.{l}.attn.hook_sink_prob"]
+        assert ps.shape == p.shape[:3]
+        sinks = _sinks(lm, l)
+        for i, n in enumerate(batch.lengths.tolist()):
+            torch.testing.assert_close(p[i, :, :n, :n].sum(-1) + ps[i, :, :n], torch.ones(p.shape[1], n),
+                                       rtol=1e-5, atol=1e-5)
+            # p_sink from the captured q, k and the sink logits alone, on the first query (which sees only key 0)
+            q0, k0 = c[f"blocks.{l}.attn.hook_q"][i, 0], c[f"blocks.{l}.attn.hook_k"][i, 0]  # [H, d]
+            logit0 = (q0 * k0).sum(-1) * _scaling(lm, l, q0.shape[-1])
+            torch.testing.assert_close(ps[i, :, 0], torch.sigmoid(sinks - logit0), rtol=1e-5, atol=1e-6)
+        assert 0.01 < float(ps[0, :, :int(batch.lengths[0])].mean()) < 0.99
+    with pytest.raises(SiteUnavailable, match="learned attention sinks"):
+        Capture(tiny_model("llama"), {"attn.hook_sink_prob": None})
+
+
+def test_gate_site_is_the_sigmoid_gate_the_model_applies():
+    lm = tiny_model("qwen3_next")
+    batch = _batch(lm)
+    l = lm.attention_layers[0]
+    with Capture(lm, {f"blocks.{l}.attn.hook_gate": [0, 2], f"blocks.{l}.hook_resid_pre": None}) as cap:
+        c = cap.forward(batch)
+    gate = c[f"blocks.{l}.attn.hook_gate"]
+    H, d = lm.config.num_attention_heads, lm.config.head_dim
+    assert gate.shape == (3, 2, H, d)
+    blk = lm.layers[l]
+    with torch.no_grad():
+        qg = blk.self_attn.q_proj(blk.input_layernorm(c[f"blocks.{l}.hook_resid_pre"]))
+    want = torch.sigmoid(qg.view(3, -1, H, 2 * d)[..., d:])[:, [0, 2]]
+    torch.testing.assert_close(gate, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="read-only"):
+        from sinkscope.interventions import edit_site
+        with edit_site(lm, l, "attn.hook_gate", lambda t: t * 0):
+            cap.forward(batch)
+
+
+def test_hybrid_model_attention_sites_live_in_the_softmax_blocks_only():
+    lm = tiny_model("qwen3_next")
+    assert lm.attention_layers == [1, 3]
+    with Capture(lm, {"attn.hook_pattern": [0], "hook_attn_out": [0]}) as cap:
+        c = cap.forward(_batch(lm))
+    assert {k for k in c if "pattern" in k} == {"blocks.1.attn.hook_pattern", "blocks.3.attn.hook_pattern"}
+    assert {k for k in c if "attn_out" in k} == {f"blocks.{l}.hook_attn_out" for l in range(4)}
+    with pytest.raises(SiteUnavailable, match="block 0 .* no softmax attention"):
+        Capture(lm, {"blocks.0.attn.hook_q": None})
+
+
+def test_granite_attn_and_mlp_outputs_include_the_residual_multiplier():
+    """`as added to the residual`: r + a + m == y holds only if a and m carry residual_multiplier (0.5 here)."""
+    lm = tiny_model("granite")
+    batch = _batch(lm)
+    with Capture(lm, {"blocks.1.hook_attn_out": None, "blocks.1.hook_mlp_out": None,
+                      "blocks.1.mlp.hook_post": None}) as cap:
+        c = cap.forward(batch)
+    from sinkscope.experiments.mlp_common import mlp_math
+    mm = mlp_math(lm, 1)
+    m = c["blocks.1.mlp.hook_post"] @ mm.W_down.T  # W_down carries the multiplier too (no bias in Granite)
+    torch.testing.assert_close(m, c["blocks.1.hook_mlp_out"], rtol=1e-4, atol=1e-5)
+    raw = c["blocks.1.mlp.hook_post"] @ lm.layers[1].mlp.down_proj.weight.T
+    torch.testing.assert_close(c["blocks.1.hook_mlp_out"], raw * lm.config.residual_multiplier, rtol=1e-4, atol=1e-5)
