@@ -226,6 +226,7 @@ def test_capture_leaves_every_forward_bit_identical(case, impl):
     before = {k: v.clone() for k, v in lm.model.state_dict().items()}
     registry = dict(ALL_ATTENTION_FUNCTIONS._local_mapping)
     run = lambda: lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # noqa: E731
+    patterns = None
     with torch.inference_mode():
         ref = run()
         for sites in (all_sites(lm), {"attn.hook_pattern": [0, 3], "attn.hook_q": [0], "hook_mlp_out": [0]}):
@@ -233,9 +234,34 @@ def test_capture_leaves_every_forward_bit_identical(case, impl):
                 out = run()
                 assert any(name.endswith("attn.hook_pattern") for name in cap.cache)  # attention was read
             assert torch.equal(out, ref), (case, impl, float((out - ref).abs().max()))
+            patterns = patterns if "blocks.0.hook_mlp_in" not in cap.cache else {
+                l: cap.cache[f"blocks.{l}.attn.hook_pattern"] for l in lm.attention_layers}
     assert all(torch.equal(before[k], v) for k, v in lm.model.state_dict().items())
     assert lm.attn_implementation == impl and ALL_ATTENTION_FUNCTIONS._local_mapping == registry
     assert no_hooks(lm.model) and not any("forward" in vars(m) for m in lm.model.modules())
+    if impl == "eager":  # every attention path (function, GPT-2's method, Falcon's inline) read right, eager flavour
+        with torch.inference_mode():
+            att = lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                           output_attentions=True).attentions
+        for l, A in zip(lm.attention_layers, att):
+            for i, n in enumerate(batch.lengths.tolist()):
+                torch.testing.assert_close(patterns[l][i, :, :n, :n], A[i, :, :n, :n].float(), rtol=1e-5, atol=1e-6)
+
+
+def test_interventions_leave_weights_unchanged_and_no_hook_behind(fam):
+    """An edit of every family's MLP output, with a Capture inside it: the edit is seen, then undone entirely."""
+    from sinkscope.interventions import edit_site
+    lm, batch, c = fam
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    with edit_site(lm, 1, "hook_mlp_out", lambda t: t * 0):
+        with Capture(lm, {"blocks.1.hook_mlp_out": None, "blocks.1.hook_resid_post": None}) as cap:
+            got = cap.forward(batch)
+    assert float(got["blocks.1.hook_mlp_out"].nan_to_num().abs().max()) == 0.0
+    r, a = c["blocks.1.hook_resid_pre"], c["blocks.1.hook_attn_out"]
+    n = int(batch.lengths.min())
+    torch.testing.assert_close(got["blocks.1.hook_resid_post"][:, :n], (r + a)[:, :n], rtol=1e-4, atol=1e-5)
+    assert no_hooks(lm.model)
+    assert all(torch.equal(before[k], v) for k, v in lm.model.state_dict().items())
 
 
 def test_early_stop_runs_only_the_needed_layers():
@@ -355,3 +381,11 @@ def test_granite_attn_and_mlp_outputs_include_the_residual_multiplier():
     torch.testing.assert_close(m, c["blocks.1.hook_mlp_out"], rtol=1e-4, atol=1e-5)
     raw = c["blocks.1.mlp.hook_post"] @ lm.layers[1].mlp.down_proj.weight.T
     torch.testing.assert_close(c["blocks.1.hook_mlp_out"], raw * lm.config.residual_multiplier, rtol=1e-4, atol=1e-5)
+
+
+def test_family_table_lists_every_family_with_its_refusals():
+    from sinkscope.arch import family_table
+    rows = family_table().splitlines()[2:]
+    assert [r.split(" | ")[0].strip("| ") for r in rows] == list(ADAPTERS)
+    assert "MoE" in next(r for r in rows if r.startswith("| gpt_oss ")) and "ALiBi" in next(
+        r for r in rows if r.startswith("| falcon ")) and "post-norm" in next(r for r in rows if r.startswith("| olmo2 "))

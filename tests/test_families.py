@@ -167,3 +167,19 @@ def test_scan_p_sink_and_gate_are_means_of_the_captured_sites(family, key):
         head = per.double().mean(0)
         assert r[key] == pytest.approx(float(head.mean()), rel=1e-5)
         assert r[f"{key}_head_var"] == pytest.approx(float(head.var(unbiased=False)), rel=1e-4, abs=1e-9)
+
+
+@pytest.mark.parametrize("family", [f for f in ALL_FAMILIES if ADAPTERS[f].linear_mixer])
+def test_hybrid_blocks_are_marked_in_decompose_output(family, tmp_path, capsys):
+    folder = save_tiny_model(family, tmp_path / "m")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n", encoding="utf-8")
+    lm = load_model(str(folder), device="cpu")
+    linear = next(l for l in range(lm.n_layers) if l not in lm.attention_layers)
+    rc = main(["--decompose-output", "--layer", str(linear), "--model", str(folder), "--prompt-file", str(prompts),
+               "--outdir", str(tmp_path / "o"), "--no-progress", "--no-plots"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    d = _json(tmp_path / "o" / f"decompose_output_L{linear}.json")
+    assert any("no softmax attention" in n for n in d["notes"]) and "no softmax attention" in out
+    assert d["max_abs_y_mismatch"] < 1e-4

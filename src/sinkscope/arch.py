@@ -244,6 +244,20 @@ def get_adapter(config) -> Adapter:
     return row
 
 
+def family_table() -> str:
+    """The README's architecture table (Markdown), generated from the rows: MLP kind, norm placement, block
+    layout, what is special, and the refused variants with the reason."""
+    kinds = {"gated": "dense, gated", "gated_fused": "dense, gated (fused)", "plain": "dense, plain", "moe": "MoE"}
+    lines = ["| model_type | MLP | norms | block | special | refused |", "|---|---|---|---|---|---|"]
+    for t, a in ADAPTERS.items():
+        block = ("parallel" if a.parallel is True else "sequential" if a.parallel is False
+                 else f"parallel if {' or '.join([a.parallel] if isinstance(a.parallel, str) else a.parallel)}")
+        refused = "; ".join(f"{attr}={value!r}: {why}" for attr, value, why in a.refuse) or "-"
+        lines.append(f"| {t} | {kinds[a.mlp_kind]} | {a.norm_placement} ({a.norm_kind}) | {block} | "
+                     f"{a.special or '-'} | {refused} |")
+    return "\n".join(lines)
+
+
 def get_module(root: torch.nn.Module, path: str) -> torch.nn.Module:
     """Resolve a dotted path ("model.layers", "mlp.down_proj") below `root`; "a|b": the first present one."""
     if "|" in path:

@@ -193,6 +193,10 @@ def run_find_mlp_subspace(ctx: RunContext, layer: int, sections=None, tokens=(0,
         tables.append(_g_table({t: valid_rows(g[:, i]) for i, t in enumerate(tokens)}, mm, tokens, te_mass, layer))
     if "u" in sections and mm.gated:
         tables.append(_u_table({t: valid_rows(u[:, i]) for i, t in enumerate(tokens)}, tokens, te_k, te_mass, layer))
+    linear = [l for l in range(layer + 1) if l not in lm.attention_layers]
+    if "residual" in sections and linear:
+        section_notes.append(f"blocks {', '.join(map(str, linear))} have no softmax attention: their attn_i "
+                             f"components are the {lm.adapter.linear_mixer} token mixer's outputs")
     if "residual" in sections:
         if choice.dims:
             residual = run_residual_section(lm, layer, parallel, mm, choice.dims, cache, x, ti, ri)
