@@ -29,6 +29,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Callable, Mapping, Sequence
 
@@ -233,7 +234,7 @@ def _attention_patches(lm, module) -> list[tuple]:
         raise SiteUnavailable(f"attention sites are read under sdpa or eager attention; this model runs {impl!r} "
                               f"(load it with attn_implementation='sdpa' or 'eager')")
     out = []
-    fwd = type(module).forward
+    fwd = inspect.unwrap(type(module).forward)  # past any decorator, to the code that names the function
     if "eager_attention_forward" in fwd.__code__.co_names and "eager_attention_forward" in fwd.__globals__:
         ns = fwd.__globals__
         out.append((("global", id(ns)), lambda: _patch_global(ns, "eager_attention_forward")))
@@ -363,13 +364,11 @@ class Capture:
         softcap = kwargs.get("softcap")
         chunk = (256 << 20) if query.device.type == "cuda" else (64 << 20)
         q, k = query.detach(), key.detach()
-        if (l, "attn.hook_sink_prob") in self.plan or (lse is None and logits is None and sinks is not None):
+        if (l, "attn.hook_sink_prob") in self.plan:
             if lse is None:
                 lse = attention_lse(q, k, mask, scaling, softcap, chunk)
-            if (l, "attn.hook_sink_prob") in self.plan:
-                ps = am.sink_probability(am.with_sinks(lse, sinks), sinks)
-                self._store(l, "attn.hook_sink_prob",
-                            self._select(ps, self.plan[(l, "attn.hook_sink_prob")], dim=2))
+            ps = am.sink_probability(am.with_sinks(lse, sinks), sinks)
+            self._store(l, "attn.hook_sink_prob", self._select(ps, self.plan[(l, "attn.hook_sink_prob")], dim=2))
         if (l, "attn.hook_pattern") not in self.plan:
             return
         cols = self.plan[(l, "attn.hook_pattern")]
