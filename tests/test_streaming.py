@@ -115,7 +115,9 @@ def test_sink_columns_match_eager_probabilities(family, kernel_lse, monkeypatch)
     before = dict(capture.LSE_STATS)
     with Capture(lm, {"attn.hook_pattern": cols}) as cap:
         got = cap.forward(batch)
-    uses_sdpa = lm.model.config._attn_implementation == "sdpa"
+    # Falcon's multi-query SDPA call broadcasts one k/v head over the query heads: torch runs its math backend,
+    # which has no log-sum-exp to reuse, so the columns are recomputed there
+    uses_sdpa = lm.model.config._attn_implementation == "sdpa" and name != "falcon"
     if kernel_lse and uses_sdpa:  # the fast path really ran (CPU flash attention gives its log-sum-exp)
         assert capture.LSE_STATS["kernel"] > before["kernel"], capture.LSE_STATS
     else:

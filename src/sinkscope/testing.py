@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from .arch import get_module
 from .model import LoadedModel, wrap_model
 
 VOCAB = 260  # 256 bytes + 4 special tokens
@@ -33,17 +34,63 @@ TINY_CONFIGS: dict[str, dict] = {
     "opt": dict(ffn_dim=96, word_embed_proj_dim=64),
     "phi": dict(num_key_value_heads=2, partial_rotary_factor=0.5),
     "phi3": dict(num_key_value_heads=2),
+    "olmo2": dict(num_key_value_heads=2),
+    "granite": dict(num_key_value_heads=2, residual_multiplier=0.5, embedding_multiplier=3.0,
+                    attention_multiplier=0.2, logits_scaling=2.0),
+    "cohere": dict(num_key_value_heads=2, use_qk_norm=True, logit_scale=0.5),
+    "starcoder2": dict(num_key_value_heads=2, sliding_window=6, use_bias=True),
+    "stablelm": dict(num_key_value_heads=2, partial_rotary_factor=0.25, use_parallel_residual=False,
+                     qk_layernorm=True, use_qkv_bias=True),
+    "smollm3": dict(num_key_value_heads=2, no_rope_layer_interval=2),
+    "falcon": dict(multi_query=True, parallel_attn=True, new_decoder_architecture=False, alibi=False,
+                   ffn_hidden_size=96, bias=True),
+}
+# Families the table also covers, not in FAMILIES (which every mode's tests run on): multimodal Gemma 3 (its text
+# tower is gemma3_text's block), gpt-oss (learned sinks; a mixture of experts, which the MLP modes refuse until the
+# MoE support is in) and Qwen3-Next (hybrid: blocks 0 and 2 have linear attention; a dense MLP here).
+EXTRA_CONFIGS: dict[str, dict] = {
+    "gemma3": dict(num_key_value_heads=2, head_dim=16, sliding_window=6),
+    "gpt_oss": dict(num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=6,
+                    num_hidden_layers=4, rope_parameters=dict(rope_type="default", rope_theta=10000.0),
+                    layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"]),
+    "qwen3_next": dict(num_key_value_heads=2, head_dim=16, num_experts=0, num_hidden_layers=4,
+                       layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"],
+                       linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16,
+                       linear_value_head_dim=16, linear_conv_kernel_dim=2),
 }
 FAMILIES = tuple(TINY_CONFIGS)
+ALL_FAMILIES = FAMILIES + tuple(EXTRA_CONFIGS)
+# Variants with flags that change the forward: (family, config overrides).
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "gpt2-upcast": ("gpt2", dict(reorder_and_upcast_attn=True, scale_attn_by_inverse_layer_idx=True)),
+    "gpt_neox-sequential": ("gpt_neox", dict(use_parallel_residual=False)),
+    "stablelm-parallel": ("stablelm", dict(use_parallel_residual=True, qk_layernorm=False)),
+    "falcon-new-arch": ("falcon", dict(new_decoder_architecture=True, num_kv_heads=2, multi_query=False)),
+    "falcon-sequential": ("falcon", dict(parallel_attn=False, multi_query=False)),
+    "cohere-no-qk-norm": ("cohere", dict(use_qk_norm=False)),
+    "qwen3_next-moe": ("qwen3_next", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                          shared_expert_intermediate_size=32)),
+}
 _GPT2_DROP = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "max_position_embeddings")
+_GEMMA3_VISION = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                      patch_size=14)
 
 
 def tiny_config(model_type: str, **overrides):
     from transformers import AutoConfig
-    kw = {**_COMMON, **TINY_CONFIGS[model_type], **overrides}
+    kw = {**_COMMON, **TINY_CONFIGS.get(model_type, EXTRA_CONFIGS.get(model_type, {})), **overrides}
     if model_type == "gpt2":
         kw = {k: v for k, v in kw.items() if k not in _GPT2_DROP}
+    if model_type == "gemma3":  # the text tower's vocabulary also holds the image tokens
+        text = {**kw, "vocab_size": VOCAB + 4}
+        return AutoConfig.for_model("gemma3", text_config=text, vision_config=_GEMMA3_VISION, mm_tokens_per_image=4,
+                                    boi_token_index=VOCAB, eoi_token_index=VOCAB + 1, image_token_index=VOCAB + 2)
     return AutoConfig.for_model(model_type, **kw)
+
+
+def variant(name: str) -> tuple[str, dict]:
+    """(family, overrides) of a family or a VARIANTS name."""
+    return VARIANTS.get(name, (name, {}))
 
 
 def byte_tokenizer():
@@ -64,12 +111,20 @@ def byte_tokenizer():
 
 def tiny_model(model_type: str, seed: int = 0, dtype: torch.dtype = torch.float32,
                attn_implementation: str | None = None, **overrides) -> LoadedModel:
+    """A random-init model of a family (or a VARIANTS name); learned sinks are drawn at random too (init: 0)."""
     from transformers import AutoModelForCausalLM
-    cfg = tiny_config(model_type, **overrides)
+    model_type, extra = variant(model_type)
+    cfg = tiny_config(model_type, **{**extra, **overrides})
     torch.manual_seed(seed)
     kw = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
     model = AutoModelForCausalLM.from_config(cfg, **kw).to(dtype)
-    return wrap_model(model, byte_tokenizer(), name=f"tiny-{model_type}")
+    lm = wrap_model(model, byte_tokenizer(), name=f"tiny-{model_type}")
+    if lm.adapter.attn_sinks:
+        with torch.no_grad():
+            for l in lm.attention_layers:
+                s = getattr(get_module(lm.layers[l], lm.adapter.attn), lm.adapter.attn_sinks)
+                s.copy_(torch.randn(s.shape, generator=torch.Generator().manual_seed(seed + l)) * 2)
+    return lm
 
 
 def save_tiny_model(model_type: str, folder: str | Path, seed: int = 0, **overrides) -> Path:

@@ -75,6 +75,9 @@ def run_decompose_output(ctx: RunContext, layer: int, tokens=(0, 1, 8)) -> Decom
         values[row] = vals
     n_prompts = [int(n[0, ti]) for ti in range(len(tokens))]
     notes = list(ctx.notes)
+    if layer not in ctx.lm.attention_layers:  # hybrid models (Qwen3-Next): a linear token mixer, no softmax
+        notes.append(f"block {layer} has no softmax attention: 'attn' is its {ctx.lm.adapter.linear_mixer} token "
+                     f"mixer's output")
     for t, c in zip(tokens, n_prompts):
         if c < 2:
             notes.append(f"tok{t}: the spreads are N/A: a spread needs at least 2 prompts with token {t}, and {c} "

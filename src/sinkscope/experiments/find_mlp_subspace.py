@@ -70,6 +70,15 @@ def _mass(V: torch.Tensor, dims: list[int]) -> float:
     return float(stats.energy_fractions(V)[:, dims].double().sum(-1).mean()) if dims else 0.0
 
 
+def top_mean_square_dims(Z: torch.Tensor, k: int) -> list[int]:
+    """The k dims with the largest mean z^2 over the rows of Z [N, F] (descending; ties: lower index first).
+    Not the top-energy candidates, which rank the mean *fraction* of each row's energy."""
+    if Z.shape[0] == 0:
+        return []
+    ms = Z.double().pow(2).mean(0)
+    return [int(i) for i in torch.sort(ms, descending=True, stable=True).indices[:k]]
+
+
 def _z_table(stacks_in: dict, mm, tokens, sink_tok, chosen, k, tau, layer) -> Table:
     rows = {"z_norm": [], "z_frac_energy [.25/.75/.99]": [], f"z_topk_act_idx k={k}": [],
             f"W_down_cos_to_top1_aligned_vec k={k}": [], f"W_down_topk_act_norm k={k}": []}
@@ -84,7 +93,9 @@ def _z_table(stacks_in: dict, mm, tokens, sink_tok, chosen, k, tau, layer) -> Ta
         if t == sink_tok and chosen:
             cos = stats.cosine_matrix(mm.W_down[:, chosen].T)[0].tolist()
         rows[f"W_down_cos_to_top1_aligned_vec k={k}"].append(cos)
-        rows[f"W_down_topk_act_norm k={k}"].append(float(mm.W_down[:, te.candidates].norm(dim=0).mean()))
+        top = top_mean_square_dims(Z, k)  # MODES.md section 3: the top-k by mean z^2, no mass test
+        rows[f"W_down_topk_act_norm k={k}"].append(
+            float(mm.W_down[:, top].norm(dim=0).mean()) if top else float("nan"))
     fmts = {"z_norm": "str", "z_frac_energy [.25/.75/.99]": "str", f"z_topk_act_idx k={k}": "str",
             f"W_down_cos_to_top1_aligned_vec k={k}": "f2list", f"W_down_topk_act_norm k={k}": "float"}
     return Table(f"[MLP subspace: Z/W_d] layer={layer}", [f"tok{t}" for t in tokens],
@@ -182,6 +193,10 @@ def run_find_mlp_subspace(ctx: RunContext, layer: int, sections=None, tokens=(0,
         tables.append(_g_table({t: valid_rows(g[:, i]) for i, t in enumerate(tokens)}, mm, tokens, te_mass, layer))
     if "u" in sections and mm.gated:
         tables.append(_u_table({t: valid_rows(u[:, i]) for i, t in enumerate(tokens)}, tokens, te_k, te_mass, layer))
+    linear = [l for l in range(layer + 1) if l not in lm.attention_layers]
+    if "residual" in sections and linear:
+        section_notes.append(f"blocks {', '.join(map(str, linear))} have no softmax attention: their attn_i "
+                             f"components are the {lm.adapter.linear_mixer} token mixer's outputs")
     if "residual" in sections:
         if choice.dims:
             residual = run_residual_section(lm, layer, parallel, mm, choice.dims, cache, x, ti, ri)

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import torch
 
 from .. import stats
-from ..arch import down_weight, get_module, in_weight
+from ..arch import down_weight, get_module, in_weight, residual_scale
+from ..hooks import SiteUnavailable, site_available
 from ..errors import UsageError
 from ..runner import RunContext
 
@@ -33,7 +34,8 @@ class MLPMath:
     W_up: torch.Tensor | None     # gated only [F, D]
     b_up: torch.Tensor | None
     act: torch.nn.Module
-    W_down: torch.Tensor          # [D, F]; column j is what z_j writes
+    W_down: torch.Tensor          # [D, F]; column j is what z_j writes to the residual (times any residual
+    #                               multiplier, e.g. Granite's: m = W_down z + b as added to the residual)
 
     @property
     def gated(self) -> bool:
@@ -100,11 +102,18 @@ class MLPMath:
 
 
 def mlp_math(lm, layer: int) -> MLPMath:
+    """The dense MLP of block `layer`; a one-line UsageError for a mixture of experts (not supported yet)."""
+    why = site_available(lm, layer, "mlp.hook_post")
+    if why:
+        raise SiteUnavailable(f"the MLP modes need a dense MLP: {why}")
     a = lm.adapter
     block = lm.layers[layer]
     sub = lambda p: get_module(block, p)  # noqa: E731
     act = sub(a.act)
     W_down = down_weight(sub(a.down))
+    scale = residual_scale(a, lm.config)
+    if scale is not None:
+        W_down = W_down * scale
     if a.mlp_kind == "gated_fused":
         m = sub(a.gate)
         W, b = in_weight(m), _bias(m)

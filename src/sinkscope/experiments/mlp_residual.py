@@ -2,7 +2,10 @@
 stream (embedding, attn_i, mlp_i for i < L, attn_L) their values at the sink token come from.
 
 The rows read are those of the chosen z dims (W_gate and W_up rows for gated MLPs, W_in rows otherwise), never
-the reference's hard-coded 8518/422/5723 (MODES.md section 8). The components are captured at
+the reference's hard-coded 8518/422/5723 (MODES.md section 8). Each row's contributors are ranked on the
+normalised stream without the norm's gain (MODES.md section 3): s / rms(s) for RMSNorm families,
+(s - mean) / std for LayerNorm families (the adapter's norm_kind), s itself where the MLP has no input norm
+(OLMo 2); not on the gamma-scaled MLP input x, whose non-uniform gain would pick other dims. The components are captured at
 `blocks.0.hook_resid_pre` (embedding), `blocks.i.hook_attn_out` / `hook_mlp_out` (i < L) and, for sequential
 blocks, `blocks.L.hook_attn_out`; they sum to s, the input of the pre-MLP norm (checked, and s -> norm -> x
 is checked against the captured MLP input).
@@ -16,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import stats
-from ..arch import get_module
+from ..arch import mlp_input_norm, normalised_stream
 from .mlp_common import MLPMath
 
 TOP_CONTRIB = 3   # each row's top contributors
@@ -69,6 +72,7 @@ class ResidualSection:
     n_prompts: int
     n_pairs: int
     row_energy: dict[str, list[float]] = field(default_factory=dict)  # row -> per-dim energy share (the u plot)
+    ranked_on: str = "s / rms(s)"        # the stream the row contributors are ranked on (no gain, no bias)
 
 
 def _rows(mm: MLPMath, dims: list[int]) -> dict[str, torch.Tensor]:
@@ -100,22 +104,26 @@ def run_residual_section(lm, layer: int, parallel: bool, mm: MLPMath, dims: list
     ok_tok = ~torch.isnan(s[:, ti]).any(-1)
     scale = float(s[:, ti][ok_tok].abs().max()) if ok_tok.any() else 1.0
     mismatch = float((total - s).nan_to_num().abs().max()) / max(scale, stats.EPS)
-    # s -> the block's pre-MLP norm -> x, at the sink token
+    # s -> the block's pre-MLP norm (if any) -> x, at the sink token
     a = lm.adapter
-    norm = get_module(lm.layers[layer], a.mlp_norm or a.attn_norm)
+    norm = mlp_input_norm(a, lm.layers[layer], lm.config)
     s_tok = s[:, ti][ok_tok]
-    with torch.inference_mode():
-        p = next(norm.parameters(), None)
-        dev, dt = (p.device, p.dtype) if p is not None else (lm.device, lm.dtype)
-        xs = norm(s_tok.to(dev, dt)).float().cpu()
+    if norm is None:
+        xs = s_tok
+    else:
+        with torch.inference_mode():
+            p = next(norm.parameters(), None)
+            dev, dt = (p.device, p.dtype) if p is not None else (lm.device, lm.dtype)
+            xs = norm(s_tok.to(dev, dt)).float().cpu()
     x_tok = x[:, ti][ok_tok]
     norm_rel = float(((xs - x_tok).norm(dim=-1) / x_tok.norm(dim=-1).clamp_min(stats.EPS)).max()) \
         if x_tok.shape[0] else float("nan")
+    s_hat, ranked_on = ranking_stream(s_tok, a.norm_kind if norm is not None else None)
 
     rows = _rows(mm, dims)
     row_top, row_energy, total_share, counts = {}, {}, torch.zeros(x.shape[-1], dtype=torch.float64), Counter()
     for name, w in rows.items():
-        e = row_energy_shares(x_tok, w)
+        e = row_energy_shares(s_hat, w)
         row_energy[name] = e.tolist()
         top = [int(i) for i in torch.sort(e, descending=True, stable=True).indices[:TOP_CONTRIB]]
         row_top[name] = top
@@ -134,4 +142,13 @@ def run_residual_section(lm, layer: int, parallel: bool, mm: MLPMath, dims: list
     return ResidualSection(
         rows=list(rows), row_top_dims=row_top, picked_dims=picked, component_names=names, tok_mean=tok_mean,
         diff_mean=diff_mean, diff_std=diff_std, tok_std=tok_std, max_sum_mismatch=mismatch,
-        norm_check_rel=norm_rel, n_prompts=int(ok_tok.sum()), n_pairs=int(pair_ok.sum()), row_energy=row_energy)
+        norm_check_rel=norm_rel, n_prompts=int(ok_tok.sum()), n_pairs=int(pair_ok.sum()), row_energy=row_energy,
+        ranked_on=ranked_on)
+
+
+def ranking_stream(s_tok: torch.Tensor, norm_kind: str | None) -> tuple[torch.Tensor, str]:
+    """(the stream the row contributors are ranked on, its name): s normalised as the pre-MLP norm does, without
+    its gain and bias; s itself when the MLP input is not normalised."""
+    if norm_kind is None:
+        return s_tok.float(), "s (the MLP input is not normalised)"
+    return normalised_stream(s_tok, norm_kind), {"rms": "s / rms(s)", "layer": "(s - mean(s)) / std(s)"}[norm_kind]

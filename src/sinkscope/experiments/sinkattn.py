@@ -38,7 +38,8 @@ class SinkSeries:
     extra: dict = field(default_factory=dict, repr=False)  # extra captures, prompt order, [N, ...]
 
     def mean_over_layers(self) -> float:
-        return float(sum(self.mean) / len(self.mean)) if self.mean else float("nan")
+        vals = [m for m in self.mean if m == m]  # layers without softmax attention (hybrid models) are NaN
+        return float(sum(vals) / len(vals)) if vals else float("nan")
 
 
 def doubled(batch: Batch) -> Batch:
@@ -82,6 +83,8 @@ def run_sink_pass(ctx: RunContext, layers, key: int, *, edit: Callable | None = 
                 idx = batch.index[ok]
                 measured[idx] = True
                 for li, l in enumerate(layers):
+                    if f"blocks.{l}.attn.hook_pattern" not in c:  # no softmax attention in block l: N/A
+                        continue
                     p = c[f"blocks.{l}.attn.hook_pattern"][rows, :, 0].float().cpu()[ok]  # [b, H]
                     acc[l].update(p)
                     per_prompt[idx, li] = p.mean(-1)

@@ -50,7 +50,7 @@ def _row_contrib_plot(res, path: Path) -> Path:
         for d in sec.row_top_dims[r]:
             ax.annotate(str(d), (d, e[d]), fontsize=7, ha="center", va="bottom")
         ax.set_ylabel("energy share", fontsize=8)
-        ax.set_title(f"{r}: per-dim share of (w_d x_d)^2 in the dot product w.x, tok{res.sink_tok} "
+        ax.set_title(f"{r}: per-dim share of (w_d v_d)^2 in w.v, v = {sec.ranked_on} (no gain), tok{res.sink_tok} "
                      f"(mean over prompts)", fontsize=8)
     axes[-1, 0].set_xlabel("residual dim")
     fig.tight_layout()
@@ -72,7 +72,7 @@ def table(result: FindMLPSubspaceResult) -> str:
     sec = result.residual
     if sec is not None:
         lines.append(f"[MLP residual decomp] auto-picked top dims: {sec.picked_dims} (most frequent among the top-3 "
-                     f"contributors of rows {', '.join(sec.rows)})")
+                     f"contributors of rows {', '.join(sec.rows)}, ranked on {sec.ranked_on})")
         lines.append(f"[MLP residual decomp] components sum to s: max |sum - s| / max|s| = {sec.max_sum_mismatch:.2e}; "
                      f"norm(s) vs x: max rel = {sec.norm_check_rel:.2e}")
     lines.append(notes_text(result.notes))

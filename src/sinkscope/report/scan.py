@@ -25,6 +25,19 @@ PLOTS = {
     # The reference's label claimed a head variance it never drew; this spread has no error bar.
     "scan_mlp_out_spread": ("mlp_out_spread", None, "MLP_out spread (no error bar: one value per layer)", "spread"),
 }
+# Only for models that have them (learned sinks: gpt-oss; gated attention: Qwen3-Next); N/A (null) otherwise.
+OPTIONAL_COLS = ("p_sink", "attn_gate")
+OPTIONAL_PLOTS = {
+    "scan_p_sink": ("p_sink", "p_sink_head_var", "learned-sink mass, Q[q>=max(4,t+1)] (var across heads)",
+                    "probability"),
+    "scan_attn_gate": ("attn_gate", "attn_gate_head_var", "output gate sigmoid(g) at token t (var across heads)",
+                       "probability"),
+}
+
+
+def _present(result: ScanResult) -> list[str]:
+    """The optional columns this model has (some record holds a value)."""
+    return [c for c in OPTIONAL_COLS if any(_num(r.get(c)) == _num(r.get(c)) for r in result.records)]
 
 
 def heatmap_plot(result: ScanResult, path: Path) -> Path:
@@ -61,7 +74,8 @@ def plots(result: ScanResult, outdir: Path) -> list[Path]:
     if result.heatmaps is not None:
         return [heatmap_plot(result, outdir / "scan_heatmaps.png")]
     out = []
-    for stem, (key, var, ylabel, kind) in PLOTS.items():
+    extra = {stem: spec for stem, spec in OPTIONAL_PLOTS.items() if spec[0] in _present(result)}
+    for stem, (key, var, ylabel, kind) in {**PLOTS, **extra}.items():
         series = {}
         for t in result.sinks:
             rs = [r for r in result.records if r["sink_idx"] == t]
@@ -78,10 +92,15 @@ def table(result: ScanResult) -> str:
     if result.heatmaps is not None:
         return "\n".join(filter(None, [f"[Scan] attention maps of head {result.head}, layers "
                                        f"{result.layers[0]}..{result.layers[-1]}", notes_text(result.notes)]))
-    head = f"{'layer':>5} {'sink':>4} " + " ".join(f"{c:>16}" for c in TABLE_COLS)
-    lines = ["[Scan] per layer and sink key; sink_attn and cos average queries q >= max(4, t+1)", head]
+    cols = TABLE_COLS + tuple(_present(result))
+    head = f"{'layer':>5} {'sink':>4} " + " ".join(f"{c:>16}" for c in cols)
+    title = "[Scan] per layer and sink key; sink_attn and cos average queries q >= max(4, t+1)"
+    if "p_sink" in cols:
+        title += "; p_sink: mass on the learned sink over the same queries (sink_attn excludes it)"
+    lines = [title, head]
     for r in result.records:
-        lines.append(f"{r['layer']:>5} {r['sink_idx']:>4} " + " ".join(_cell(r[c]) for c in TABLE_COLS))
+        mark = "" if r.get("softmax_attention", True) else "  (no softmax attention)"
+        lines.append(f"{r['layer']:>5} {r['sink_idx']:>4} " + " ".join(_cell(r[c]) for c in cols) + mark)
     return "\n".join(filter(None, ["\n".join(lines), notes_text(result.notes)]))
 
 
