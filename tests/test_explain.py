@@ -20,7 +20,7 @@ from sinkscope.experiments.explain import run_explain
 from sinkscope.experiments.explain_core import ExplainThresholds
 from sinkscope.experiments.explain_observe import observe
 from sinkscope.runner import RunContext
-from sinkscope.testing import FAMILIES, save_tiny_model, tiny_model
+from sinkscope.testing import ALL_FAMILIES, save_tiny_model, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["The quick brown fox jumps over the lazy dog near the river bank.",
@@ -298,6 +298,19 @@ def test_planted_without_room_for_x_and_z_reads_them_again(planted, monkeypatch)
     assert r2.claim("A_causal").numbers == r.claim("A_causal").numbers
 
 
+def test_planted_birth_in_a_block_without_a_dense_mlp_is_not_forced(planted, monkeypatch):
+    """A birth in a block whose MLP explain cannot decompose (a mixture of experts): What, (A) and (B) say so."""
+    from sinkscope.experiments import explain as ex, explain_observe as eo
+    lm, ctx, _ = planted
+    monkeypatch.setattr(ex, "dense_mlp", lambda lm, l: False)
+    monkeypatch.setattr(eo, "dense_mlp", lambda lm, l: False)
+    r = run_explain(ctx, n_controls=1)
+    assert r.birth_layers == [1] and r.steps["what"][0]["kind"] == "unsupported"
+    assert r.claim("what").holds is None and r.claim("A_causal").holds is None
+    assert "dense MLP" in r.steps["B_geometric"]["skipped"] and r.verdict == "partial"
+    assert "not analysed" in r.table()
+
+
 def test_planted_attention_birth_is_a_different_mechanism():
     """A massive activation written by the attention: the verdict must say so, not force the MLP story."""
     r = run_explain(_ctx(planted_attention_model(), bos="always"), n_controls=1)
@@ -313,14 +326,16 @@ def test_planted_attention_birth_is_a_different_mechanism():
 
 # -- tiny models of every family --------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_every_family_runs_and_says_not_found_without_a_sink(family, tmp_path):
     lm = tiny_model(family)
     r = run_explain(_ctx(lm, texts=PROMPTS[:4]), n_controls=2)
     assert [c.id for c in r.claims] == ["where", "who", "what", "A_causal", "B_geometric"]
     assert r.summary and r.verdict in ("found", "partial", "not found", "different mechanism")
     sink = r.steps["where"]["sink"]
-    assert len(sink) == lm.n_layers and all(0 <= s <= 1 for s in sink)
+    assert len(sink) == lm.n_layers
+    for l, s in enumerate(sink):                      # NaN exactly in the blocks without softmax attention
+        assert (0 <= s <= 1) if l in lm.attention_layers else math.isnan(s), (l, s)
     if not r.sink_layers:
         assert r.verdict == "not found" and "no sink" in r.headline
     paths = r.save(tmp_path)

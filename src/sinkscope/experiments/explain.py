@@ -35,7 +35,8 @@ from . import explain_stats as es
 from . import explain_steps as steps
 from .explain_ablate import loss_supported, n_passes, run_causal
 from .explain_core import ExplainComparison, ExplainResult, ExplainThresholds
-from .explain_observe import XZ_BUDGET_BYTES, observe, xz_bytes
+from ..hooks import site_available
+from .explain_observe import XZ_BUDGET_BYTES, dense_mlp, observe, xz_bytes
 from .explain_verdict import conclude
 
 MIN_LAYERS = 3
@@ -144,10 +145,11 @@ def run_explain(ctx: RunContext, thresholds: ExplainThresholds | None = None, se
     mlp_births = [w["layer"] for w in who if w["share_mlp"] >= 0.5]
 
     # 3. What
-    if mlp_births and not keep_xz:
-        frac = (max(mlp_births) + 1) / L
+    dense_births = [l for l in mlp_births if dense_mlp(lm, l)]
+    if dense_births and not keep_xz:
+        frac = (max(dense_births) + 1) / L
         with step_bar(ctx, f"explain 3/{N_STEPS} what: MLP input and z at the birth layers", frac, seconds, "what"):
-            extra = observe(ctx, positions, labels, xz_layers=mlp_births, full=False, desc="x, z at birth layers")
+            extra = observe(ctx, positions, labels, xz_layers=dense_births, full=False, desc="x, z at birth layers")
         obs.x.update(extra.x)
         obs.z0.update(extra.z0)
         passes["what"] = frac
@@ -155,14 +157,21 @@ def run_explain(ctx: RunContext, thresholds: ExplainThresholds | None = None, se
     what = []
     for w in who:
         l = w["layer"]
-        what.append(steps.what_mlp(lm, l, obs.z0[l], obs.x[l], labels, t, sw) if l in mlp_births
-                    else steps.what_attention(obs, l, t))
+        if l not in mlp_births:
+            what.append(steps.what_attention(obs, l, t))
+        elif l not in obs.z0:
+            what.append({"layer": l, "kind": "unsupported", "dims": [],
+                         "why": site_available(lm, l, "mlp.hook_post") or "no dense MLP"})
+        else:
+            what.append(steps.what_mlp(lm, l, obs.z0[l], obs.x[l], labels, t, sw))
     dims = {w["layer"]: w["dims"] for w in what if w["kind"] == "mlp" and w["dims"]}
 
     # 5. (B), before (A): it needs one partial pass over the shuffled prompts
     geo = {"skipped": None, "layers": []}
     if not dims:
-        geo["skipped"] = "no MLP-written birth layer" if births else "no birth layer"
+        geo["skipped"] = ("no MLP-written birth layer" if not mlp_births else
+                          "the MLP birth layer(s) have no dense MLP (a mixture of experts is not supported yet)"
+                          if not dense_births else "no z dims") if births else "no birth layer"
     else:
         sobs, same = None, None
         if lm.tokenizer is not None:

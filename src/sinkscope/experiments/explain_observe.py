@@ -22,6 +22,7 @@ import torch
 from .. import stats
 from ..arch import down_weight, get_module
 from ..capture import Capture
+from ..hooks import site_available
 from ..runner import QUERY_START, RunContext
 from .sinkattn import pattern_reducer
 
@@ -60,6 +61,10 @@ def _gather(positions: torch.Tensor):
     return reduce
 
 
+def dense_mlp(lm, layer: int) -> bool:
+    return site_available(lm, layer, "mlp.hook_post") is None and site_available(lm, layer, "hook_mlp_in") is None
+
+
 def _o_proj(lm, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     mod = get_module(lm.layers[layer], lm.adapter.o)
     b = getattr(mod, "bias", None)
@@ -72,8 +77,10 @@ def observe(ctx: RunContext, positions: torch.Tensor, labels: list[str], xz_laye
     (stopping after the last of them)."""
     lm = ctx.lm
     L, N, T = lm.n_layers, len(ctx.prompts), positions.shape[1]
-    xz_layers = sorted(int(l) for l in xz_layers)
+    # x and z only where the block has a dense MLP (z of a mixture of experts is not supported yet)
+    xz_layers = sorted(int(l) for l in xz_layers if dense_mlp(lm, int(l)))
     layers = list(range(L)) if full else xz_layers
+    att = set(lm.attention_layers) if full else set()      # hybrid models: no softmax attention in some blocks
     obs = Observation(layers=layers, positions=positions, labels=list(labels))
     gather = _gather(positions)
     sites: dict = {}
@@ -81,10 +88,15 @@ def observe(ctx: RunContext, positions: torch.Tensor, labels: list[str], xz_laye
     if full:
         reduce.update({s: gather for s in PARTS})
         reduce["attn.hook_pattern"] = pattern_reducer([0])
+        sinks = lm.adapter.has_learned_sinks
+        reduce["attn.hook_sink_prob"] = lambda p, batch: p[:, :, 0]      # [B, H]: the sink's mass at query 0
         for l in layers:
             sites.update({f"blocks.{l}.{s}": None for s in PARTS})
-            sites[f"blocks.{l}.attn.hook_pattern"] = [0]
-            sites[f"blocks.{l}.attn.hook_v"] = [0]
+            if l in att:
+                sites[f"blocks.{l}.attn.hook_pattern"] = [0]
+                sites[f"blocks.{l}.attn.hook_v"] = [0]
+                if sinks:
+                    sites[f"blocks.{l}.attn.hook_sink_prob"] = None
         H = lm.config.num_attention_heads
         obs.norms = torch.full((N, L, 4, T), float("nan"))
         obs.dot_am = torch.full((N, L, T), float("nan"))
@@ -93,7 +105,7 @@ def observe(ctx: RunContext, positions: torch.Tensor, labels: list[str], xz_laye
         obs.head_norm = torch.full((N, L, H), float("nan"))
         head_acc = [stats.MeanVar((H,)) for _ in range(L)]
         check = [0.0] * L
-        o_proj = {l: _o_proj(lm, l) for l in layers}
+        o_proj = {l: _o_proj(lm, l) for l in layers if l in att}
         post_norm = lm.adapter.attn_post_norm is not None
     for l in xz_layers:
         sites[f"blocks.{l}.hook_mlp_in"] = None
@@ -118,6 +130,8 @@ def observe(ctx: RunContext, positions: torch.Tensor, labels: list[str], xz_laye
                 r, a, m, y = (c[f"blocks.{l}.{s}"] for s in PARTS)          # [B, T, D] fp32
                 obs.norms[idx, l] = torch.stack([r, a, m, y], 1).norm(dim=-1).cpu()
                 obs.dot_am[idx, l] = (a.double() * m.double()).sum(-1).float().cpu()
+                if l not in att:
+                    continue
                 p = c[f"blocks.{l}.attn.hook_pattern"][:, :, 0].float().cpu()  # [B, H]
                 obs.sink[idx[ok], l] = p[ok].mean(-1)
                 head_acc[l].update(p[ok])
@@ -128,6 +142,8 @@ def observe(ctx: RunContext, positions: torch.Tensor, labels: list[str], xz_laye
                     o_proj[l] = (W, bias)
                 Hh, d = v.shape[1], v.shape[2]
                 w = torch.einsum("bhd,ohd->bho", v, W.view(W.shape[0], Hh, d))  # [B, H, D]
+                if sinks:   # learned sinks: query 0 gives key 0 only 1 - p_sink of its attention
+                    w = w * (1 - c[f"blocks.{l}.attn.hook_sink_prob"].float()).unsqueeze(-1)
                 pre = w.sum(1) + (0 if bias is None else bias)
                 obs.head_share[idx, l] = ((w * pre.unsqueeze(1)).sum(-1)
                                           / (pre * pre).sum(-1, keepdim=True).clamp_min(stats.EPS)).cpu()
@@ -140,5 +156,5 @@ def observe(ctx: RunContext, positions: torch.Tensor, labels: list[str], xz_laye
                         check[l] = max(check[l], float(err.max()))
     if full:
         obs.sink_heads = [acc.mean().tolist() for acc in head_acc]
-        obs.head_check = [float("nan") if post_norm else e for e in check]
+        obs.head_check = [float("nan") if post_norm or l not in att else e for l, e in enumerate(check)]
     return obs

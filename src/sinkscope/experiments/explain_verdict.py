@@ -66,9 +66,14 @@ def _what_claim(r: ExplainResult) -> Claim:
         return Claim("what", "Not tested: there is no birth layer", None, {}, th)
     mlp = [w for w in what if w["kind"] == "mlp"]
     att = [w for w in what if w["kind"] == "attention"]
+    uns = [w for w in what if w["kind"] == "unsupported"]
+    if uns and not mlp and not att:
+        return Claim("what", "Not tested: " + "; ".join(f"block {w['layer']}: {w['why']}" for w in uns), None,
+                     {w["layer"]: {"why": w["why"]} for w in uns}, th)
     nums = {w["layer"]: ({"k": w["k"], "dims": w["dims"], "median_mass": w["masses"][w["k"] - 1] if w["reached"]
                           else w["masses"][-1], "reached": w["reached"], "super_weight": w["super_weight"]}
-                         if w["kind"] == "mlp" else {"heads": w["top_heads"], "k_heads": w["k_heads"]})
+                         if w["kind"] == "mlp" else {"heads": w["top_heads"], "k_heads": w["k_heads"]}
+                         if w["kind"] == "attention" else {"why": w["why"]})
             for w in what}
     parts = []
     for w in mlp:
@@ -242,8 +247,10 @@ def _summary(r: ExplainResult) -> str:
                         if x["reached"] else
                         f"even {x['k']} dims hold only {m[-1]:.3f} of z's energy (< {t.energy_mass}): not a "
                         f"low-rank write."))
-        else:
+        elif x["kind"] == "attention":
             s.append(f"At block {x['layer']}, head(s) {', '.join(map(str, x['top_heads']))} write most of it.")
+        else:
+            s.append(f"At block {x['layer']}, the write's dims were not analysed: {x['why']}.")
     a = r.claim("A_causal")
     if a.holds is not None:
         n = a.numbers

@@ -129,7 +129,7 @@ def plot_who(r: ExplainResult) -> str | None:
 
 
 def plot_what(r: ExplainResult) -> str | None:
-    what = r.steps["what"]
+    what = [w for w in r.steps["what"] if w["kind"] in ("mlp", "attention")]
     if not what:
         return None
     fig, axes = plt.subplots(1, len(what), figsize=(4.2 * len(what) + 1, 3.4), squeeze=False)

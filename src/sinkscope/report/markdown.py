@@ -78,6 +78,8 @@ def what_rows(r: ExplainResult) -> tuple[list[str], list[list]]:
                 det += (f"; super weight W_down[{sw.get('row')}, {sw.get('col')}] = {fnum(sw.get('value'))} "
                         f"(column {'among' if sw['col_in_dims'] else 'not among'} the chosen dims)")
             rows.append([w["layer"], "MLP", f"z dims {w['dims']}", w["why"], det])
+        elif w["kind"] == "unsupported":
+            rows.append([w["layer"], "MLP (not analysed)", "-", w["why"], ""])
         else:
             rows.append([w["layer"], "attention", f"heads {w['top_heads']}",
                          f"the fewest heads holding >= {pct(r.thresholds.energy_mass)} of token 0's attention output",
