@@ -254,6 +254,19 @@ def test_planted_geometric_matches_decompose_mlp_in(planted):
     assert tok8["d"] == pytest.approx(d.cohens_d, rel=1e-4)
 
 
+def test_one_labelled_progress_bar_per_step(planted, capsys):
+    lm, _, _ = planted
+    ctx = RunContext(lm, api.tokenized(lm, api.prompts(PROMPTS, bos="always")), batch_size=2, progress=True)
+    run_explain(ctx, n_controls=1)
+    err = capsys.readouterr().err
+    for label in ("explain 1/5 where: one pass, every layer", "explain 4/5 (A) causal: 3 passes",
+                  "explain 5/5 (B) geometric: shuffled prompts"):
+        assert label in err, err[-2000:]
+    assert "control 1" in err and "joint" in err                 # the bar says which pass it is in
+    assert "baseline:" not in err and "sink attention:" not in err   # no per-pass bars of their own
+    assert ctx.progress is True and "iterate" not in vars(ctx)     # the context is restored
+
+
 def test_planted_thresholds_change_the_verdict(planted):
     lm, ctx, _ = planted
     strict = run_explain(ctx, ExplainThresholds(b_min_d=1e6), n_controls=1)

@@ -27,6 +27,7 @@ from contextlib import contextmanager
 import torch
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..checks import ffn_width
 from ..errors import UsageError
 from ..promptset import fit_to_model, tokenize
@@ -70,21 +71,23 @@ def run_metrics_numbers(ctx: RunContext, epsilon: float) -> dict | None:
 @contextmanager
 def step_bar(ctx: RunContext, label: str, n_passes: float, seconds: dict, key: str):
     """One bar for a whole step: every pass the step runs through `ctx.iterate` advances it."""
-    n_batches = len(ctx.batches())
+    n_batches = len(distributed.shard(ctx.batches()))
+    show = ctx.progress and distributed.is_main()
     bar = tqdm(total=max(1, round(n_passes * n_batches)), desc=label, unit="batch", file=sys.stderr,
-               disable=not ctx.progress, leave=False, dynamic_ncols=True)
+               disable=not show, leave=False, dynamic_ncols=True)
 
     def iterate(desc: str):
-        bar.set_postfix_str(desc, refresh=False)
-        for b in ctx.batches():
+        bar.set_postfix_str(desc)
+        for b in RunContext.iterate(ctx, desc):       # the passes' own bars are off (progress=False below)
             yield b
             bar.update(1)
     t0 = time.perf_counter()
-    ctx.iterate = iterate
+    progress, ctx.progress, ctx.iterate = ctx.progress, False, iterate
     try:
         yield bar
     finally:
         del ctx.iterate
+        ctx.progress = progress
         bar.close()
         seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - t0
 

@@ -113,47 +113,50 @@ def observe(ctx: RunContext, positions: torch.Tensor, labels: list[str], xz_laye
     for l in xz_layers:
         obs.x[l] = None
         obs.z0[l] = None
-    with Capture(lm, sites, reduce=reduce) as cap:
-        for batch in ctx.iterate(desc):
-            c = cap.forward(batch)
-            idx = batch.index
-            for l in xz_layers:
-                x, z = c[f"blocks.{l}.hook_mlp_in"].cpu(), c[f"blocks.{l}.mlp.hook_post"][:, 0].float().cpu()
-                if obs.x[l] is None:
-                    obs.x[l] = torch.full((N,) + tuple(x.shape[1:]), float("nan"))
-                    obs.z0[l] = torch.full((N, z.shape[-1]), float("nan"))
-                obs.x[l][idx], obs.z0[l][idx] = x, z
-            if not full:
+
+    def step(batch) -> None:       # fills obs in place once the forward has succeeded
+        c = cap.forward(batch)
+        idx = batch.index
+        for l in xz_layers:
+            x, z = c[f"blocks.{l}.hook_mlp_in"].cpu(), c[f"blocks.{l}.mlp.hook_post"][:, 0].float().cpu()
+            if obs.x[l] is None:
+                obs.x[l] = torch.full((N,) + tuple(x.shape[1:]), float("nan"))
+                obs.z0[l] = torch.full((N, z.shape[-1]), float("nan"))
+            obs.x[l][idx], obs.z0[l][idx] = x, z
+        if not full:
+            return
+        ok = batch.lengths > QUERY_START
+        for l in layers:
+            r, a, m, y = (c[f"blocks.{l}.{s}"] for s in PARTS)          # [B, T, D] fp32
+            obs.norms[idx, l] = torch.stack([r, a, m, y], 1).norm(dim=-1).cpu()
+            obs.dot_am[idx, l] = (a.double() * m.double()).sum(-1).float().cpu()
+            if l not in att:
                 continue
-            ok = batch.lengths > QUERY_START
-            for l in layers:
-                r, a, m, y = (c[f"blocks.{l}.{s}"] for s in PARTS)          # [B, T, D] fp32
-                obs.norms[idx, l] = torch.stack([r, a, m, y], 1).norm(dim=-1).cpu()
-                obs.dot_am[idx, l] = (a.double() * m.double()).sum(-1).float().cpu()
-                if l not in att:
-                    continue
-                p = c[f"blocks.{l}.attn.hook_pattern"][:, :, 0].float().cpu()  # [B, H]
-                obs.sink[idx[ok], l] = p[ok].mean(-1)
-                head_acc[l].update(p[ok])
-                v = c[f"blocks.{l}.attn.hook_v"][:, 0].float()                  # [B, H, d]
-                W, bias = o_proj[l]
-                if W.device != v.device:          # a model spread over several devices
-                    W, bias = W.to(v.device), None if bias is None else bias.to(v.device)
-                    o_proj[l] = (W, bias)
-                Hh, d = v.shape[1], v.shape[2]
-                w = torch.einsum("bhd,ohd->bho", v, W.view(W.shape[0], Hh, d))  # [B, H, D]
-                if sinks:   # learned sinks: query 0 gives key 0 only 1 - p_sink of its attention
-                    w = w * (1 - c[f"blocks.{l}.attn.hook_sink_prob"].float()).unsqueeze(-1)
-                pre = w.sum(1) + (0 if bias is None else bias)
-                obs.head_share[idx, l] = ((w * pre.unsqueeze(1)).sum(-1)
-                                          / (pre * pre).sum(-1, keepdim=True).clamp_min(stats.EPS)).cpu()
-                obs.head_norm[idx, l] = w.norm(dim=-1).cpu()
-                if not post_norm:
-                    a0 = a[:, 0]
-                    good = ~torch.isnan(a0).any(-1)
-                    if bool(good.any()):
-                        err = ((pre[good] - a0[good]).norm(dim=-1) / a0[good].norm(dim=-1).clamp_min(stats.EPS))
-                        check[l] = max(check[l], float(err.max()))
+            p = c[f"blocks.{l}.attn.hook_pattern"][:, :, 0].float().cpu()  # [B, H]
+            obs.sink[idx[ok], l] = p[ok].mean(-1)
+            head_acc[l].update(p[ok])
+            v = c[f"blocks.{l}.attn.hook_v"][:, 0].float()                  # [B, H, d]
+            W, bias = o_proj[l]
+            if W.device != v.device:          # a model spread over several devices
+                W, bias = W.to(v.device), None if bias is None else bias.to(v.device)
+                o_proj[l] = (W, bias)
+            Hh, d = v.shape[1], v.shape[2]
+            w = torch.einsum("bhd,ohd->bho", v, W.view(W.shape[0], Hh, d))  # [B, H, D]
+            if sinks:   # learned sinks: query 0 gives key 0 only 1 - p_sink of its attention
+                w = w * (1 - c[f"blocks.{l}.attn.hook_sink_prob"].float()).unsqueeze(-1)
+            pre = w.sum(1) + (0 if bias is None else bias)
+            obs.head_share[idx, l] = ((w * pre.unsqueeze(1)).sum(-1)
+                                      / (pre * pre).sum(-1, keepdim=True).clamp_min(stats.EPS)).cpu()
+            obs.head_norm[idx, l] = w.norm(dim=-1).cpu()
+            if not post_norm:
+                a0 = a[:, 0]
+                good = ~torch.isnan(a0).any(-1)
+                if bool(good.any()):
+                    err = ((pre[good] - a0[good]).norm(dim=-1) / a0[good].norm(dim=-1).clamp_min(stats.EPS))
+                    check[l] = max(check[l], float(err.max()))
+
+    with Capture(lm, sites, reduce=reduce) as cap:
+        ctx.for_each(desc, step)            # a batch that runs out of memory is split and retried
     if full:
         obs.sink_heads = [acc.mean().tolist() for acc in head_acc]
         obs.head_check = [float("nan") if post_norm or l not in att else e for l, e in enumerate(check)]
