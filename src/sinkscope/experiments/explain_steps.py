@@ -140,11 +140,14 @@ def geometric(lm, l: int, dims: list[int], x: torch.Tensor, labels: list[str], x
         lam, v1 = stats.second_moment_spectrum(G)
         mu = float((groups[centre] @ v1).double().mean()) if groups.get(centre) is not None else 0.0
         p0 = (X0 @ v1).double() - mu
+        flipped = bool(p0.mean() < 0)      # v1's sign is arbitrary: orient it so that token 0 sits on the + side,
+        if flipped:                        # so d > 0 means token 0 lies further along it than the group
+            v1, mu, p0 = -v1, -mu, -p0
         comp = {}
         for name, rows in groups.items():
             comp[name] = es.group_comparison(p0, (rows @ v1).double() - mu, N_PERM, seed)
         directions.append({"dim": j, "eig1_frac": float(lam[0] / lam.sum()) if float(lam.sum()) > 0 else float("nan"),
-                           "groups": comp})
+                           "flipped": flipped, "groups": comp})
     informative = {name: True for name in groups}
     if "shuffled" in informative and shuffled_same is not None and shuffled_same >= 1.0:
         informative["shuffled"] = False

@@ -106,13 +106,14 @@ def causal_rows(r: ExplainResult) -> tuple[list[str], list[list]]:
 def geometric_rows(r: ExplainResult, layer: dict) -> tuple[list[str], list[list]]:
     t = r.thresholds
     header = ["z dim", "group", "n", "token 0 (mean ± sd)", "group (mean ± sd)", "Cohen's d", "perm. p", "passes"]
+    # v1 is oriented so that token 0's mean projection is positive (d > 0: token 0 lies further along v1)
     rows = []
     for d in layer["directions"]:
         for name, g in d["groups"].items():
             inf = layer["informative"].get(name, True)
             ok = g["d"] >= t.b_min_d and g["p"] <= t.b_max_p if math.isfinite(g["d"]) and math.isfinite(g["p"]) \
                 else False
-            rows.append([d["dim"], name, g["n"], f"{g['mean0']:.2f} ± {g['sd0']:.2f}", f"{g['mean']:.2f} ± {g['sd']:.2f}",
+            rows.append([str(d["dim"]), name, g["n"], f"{g['mean0']:.2f} ± {g['sd0']:.2f}", f"{g['mean']:.2f} ± {g['sd']:.2f}",
                          fnum(g["d"]), fnum(g["p"], 2),
                          ("✓" if ok else "✗") if inf else "n/a (same token)"])
     return header, rows
