@@ -60,7 +60,10 @@ def run_metrics_numbers(ctx: RunContext, epsilon: float) -> dict | None:
     if not metrics_supported():
         return None
     from .metrics import run_metrics
-    res = run_metrics(ctx, epsilon=epsilon)
+    try:
+        res = run_metrics(ctx, epsilon=epsilon)
+    except UsageError as err:            # e.g. a site this model does not have: explain goes on without them
+        return {"unavailable": str(err)}
     keep = ("gu_sink_rate_model", "gu_sink_rate", "super_weight", "secondary_sinks", "massive_first_layer",
             "massive_dims", "epsilon")
     return {k: getattr(res, k) for k in keep if hasattr(res, k)}
@@ -141,7 +144,11 @@ def run_explain(ctx: RunContext, thresholds: ExplainThresholds | None = None, se
         with step_bar(ctx, f"explain 1/{N_STEPS} where: literature metrics", 1, seconds, "metrics"):
             metric_numbers = run_metrics_numbers(ctx, t.epsilon)
         passes["metrics"] = 1.0
-        where["secondary_sinks"] = metric_numbers.get("secondary_sinks")
+        if "unavailable" in metric_numbers:
+            notes.append(f"literature metrics: not available for this model ({metric_numbers['unavailable']})")
+            metric_numbers = None
+        else:
+            where["secondary_sinks"] = metric_numbers.get("secondary_sinks")
 
     # 2. Who
     who = steps.who(obs, births, t)
@@ -217,7 +224,7 @@ def run_explain(ctx: RunContext, thresholds: ExplainThresholds | None = None, se
         steps={"where": where, "who": who, "what": what, "A_causal": causal, "B_geometric": geo,
                "metrics": metric_numbers},
         passes=passes, seconds=seconds, notes=list(dict.fromkeys(list(ctx.notes) + notes)))
-    if metric_numbers is None:
+    if metric_numbers is None and not any(n.startswith("literature metrics") for n in res.notes):
         res.notes.append("literature metrics (Sink_1^eps, secondary sinks, super weight): not available in this "
                          "build" if not metrics_supported() else "literature metrics: not run (metrics=False)")
     if not keep_xz:
