@@ -61,6 +61,31 @@ def bootstrap_ci(values, seed: int) -> list[float]:
     return es.bootstrap_mean_ci(values, seed)
 
 
+def loss_effect(variant, baseline, seed: int) -> dict:
+    """The loss change of a run against the baseline with its bootstrap CI (experiments/effects.py, paired over
+    prompts, token-weighted); empty until the metrics issue's effects module and loss exist."""
+    try:
+        from . import effects
+    except ImportError:
+        return {}
+    if variant is None or baseline is None or getattr(baseline, "loss_sum", None) is None:
+        return {}
+    e = effects.effect(variant, baseline, "loss", seed)
+    return {} if e is None else {"loss_change": e["delta"], "loss_change_ci95": e["delta_ci95"],
+                                 "loss_ci95": e["value_ci95"]}
+
+
+def loss_controls(series: list, baseline, seed: int) -> dict | None:
+    """The controls' loss block (every value, mean, std, CI; and the same for their change), via effects.py."""
+    try:
+        from . import effects
+    except ImportError:
+        return None
+    if baseline is None or getattr(baseline, "loss_sum", None) is None or not series:
+        return None
+    return (effects.control_summary(series, baseline, [], seed, "random") or {}).get("loss")
+
+
 # -- the edits ------------------------------------------------------------------------------------------------------
 
 @contextmanager
@@ -104,14 +129,14 @@ def n_passes(n_birth: int, n_controls: int, with_loss: bool) -> int:
     return (n_birth if n_birth > 1 else 0) + 1 + 1 + n_controls + (1 if with_loss and loss_supported() else 0)
 
 
-def _summ(name: str, kind: str, layers_edited, s, loss, base_lm: torch.Tensor, seed: int) -> dict:
+def _summ(name: str, kind: str, layers_edited, s, loss, base_lm: torch.Tensor, seed: int, base_s=None) -> dict:
     v = es.later_means(s.per_prompt)
     ok = torch.isfinite(v) & torch.isfinite(base_lm)
     value, base = float(v[ok].mean()), float(base_lm[ok].mean())
     return {"name": name, "kind": kind, "edited_layers": list(layers_edited), "value": value,
             "per_layer": s.mean, "n_prompts": int(ok.sum()), "baseline": base, "change": value - base,
             "rel_change": es.relative_change(value, base), "change_ci95": bootstrap_ci((v - base_lm)[ok], seed),
-            "loss": loss, "_per_prompt": v}
+            "loss": loss, **loss_effect(s, base_s, seed)}
 
 
 def run_causal(ctx: RunContext, dims_by_layer: dict, later: list[int], baseline_pp: torch.Tensor,
@@ -120,10 +145,10 @@ def run_causal(ctx: RunContext, dims_by_layer: dict, later: list[int], baseline_
     lm = ctx.lm
     births = sorted(dims_by_layer)
     Q, space = bases_for(lm, dims_by_layer)
-    base_loss = None
+    base_loss = base_s = None
     if with_loss and loss_supported():
-        s, base_loss = sink_pass(ctx, later, desc="baseline (loss)", with_loss=True)
-        baseline_pp = s.per_prompt
+        base_s, base_loss = sink_pass(ctx, later, desc="baseline (loss)", with_loss=True)
+        baseline_pp = base_s.per_prompt
     base_lm = es.later_means(baseline_pp)
     runs = [{"name": "baseline", "kind": "baseline", "edited_layers": [], "value": float(base_lm.nanmean()),
              "per_layer": [float(x) for x in torch.as_tensor(baseline_pp).nanmean(0)],
@@ -133,15 +158,16 @@ def run_causal(ctx: RunContext, dims_by_layer: dict, later: list[int], baseline_
         for l in births:
             s, loss = sink_pass(ctx, later, edit=lambda st, l=l: remove_spans(lm, {l: Q[l]}),
                                 desc=f"single L{l}", with_loss=with_loss)
-            runs.append(_summ(f"single L{l}", "single", [l], s, loss, base_lm, seed))
+            runs.append(_summ(f"single L{l}", "single", [l], s, loss, base_lm, seed, base_s))
     s, loss = sink_pass(ctx, later, edit=lambda st: remove_spans(lm, Q), desc="joint", with_loss=with_loss)
-    runs.append(_summ("joint" if len(births) > 1 else f"L{births[0]}", "joint", births, s, loss, base_lm, seed))
+    runs.append(_summ("joint" if len(births) > 1 else f"L{births[0]}", "joint", births, s, loss, base_lm, seed,
+                      base_s))
     eligible = torch.tensor(ctx.prompts.lengths) > REF_TOK
     s, loss = sink_pass(ctx, later, edit=lambda st: _magnitude(lm, births, st), eligible=eligible,
                         desc="magnitude", with_loss=with_loss)
-    runs.append(_summ("magnitude", "magnitude", births, s, loss, base_lm, seed))
+    runs.append(_summ("magnitude", "magnitude", births, s, loss, base_lm, seed, base_s))
 
-    ctrl_values, ctrl_pp, ctrl_loss, ctrl_seeds = [], [], [], []
+    ctrl_values, ctrl_pp, ctrl_loss, ctrl_seeds, ctrl_series = [], [], [], [], []
     for c in range(n_controls):
         seeds = {l: seed + 1000 * (c + 1) + l for l in births}
         R = {l: stats.random_orthogonal_basis(Q[l], Q[l].shape[1], seeds[l]) for l in births}
@@ -152,6 +178,8 @@ def run_causal(ctx: RunContext, dims_by_layer: dict, later: list[int], baseline_
         ctrl_values.append(float(v.nanmean()))
         ctrl_loss.append(loss)
         ctrl_seeds.append(seeds)
+        if base_s is not None:
+            ctrl_series.append(s)
     controls = None
     if n_controls:
         V = torch.stack(ctrl_pp)                                   # [C, N]
@@ -166,10 +194,9 @@ def run_causal(ctx: RunContext, dims_by_layer: dict, later: list[int], baseline_
                     "change_ci95": bootstrap_ci((vmean - base_lm)[ok], seed),
                     "loss": None if any(x is None for x in ctrl_loss) else ctrl_loss,
                     "loss_mean": None if any(x is None for x in ctrl_loss) else sum(ctrl_loss) / len(ctrl_loss),
+                    "loss_effect": loss_controls(ctrl_series, base_s, seed),
                     "seeds": [[s[l] for l in births] for s in ctrl_seeds], "rank": {l: int(Q[l].shape[1])
                                                                                     for l in births}}
-    for r in runs:
-        r.pop("_per_prompt", None)
     return {"layers_measured": later, "birth_layers": births, "dims": {l: list(d) for l, d in dims_by_layer.items()},
             "rank": {l: int(Q[l].shape[1]) for l in births}, "basis_space": space, "runs": runs,
             "controls": controls, "loss_measured": base_loss is not None, "ref_tok_magnitude": REF_TOK}

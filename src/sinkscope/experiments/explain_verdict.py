@@ -116,7 +116,9 @@ def _a_claim(r: ExplainResult) -> Claim:
     if mag:
         text += f"; the magnitude ablation gives {mag['value']:.3f}"
     if base.get("loss") is not None and joint.get("loss") is not None:
-        text += f"; loss {base['loss']:.3f} → {joint['loss']:.3f} (controls {fnum(c.get('loss_mean'))})"
+        text += (f"; next-token loss {base['loss']:.3f} → {joint['loss']:.3f}"
+                 + (f" (change 95% CI {fci(joint['loss_change_ci95'])})" if joint.get("loss_change_ci95") else "")
+                 + f", controls {fnum(c.get('loss_mean'))}")
     nums = {"baseline": base["value"], "ablated": joint["value"], "drop": drop, "change_ci95": joint["change_ci95"],
             "controls_mean": c["mean"], "controls_std": c["std"], "controls_ci95": c["ci95"],
             "controls_change_ci95": c["change_ci95"], "controls_ci_includes_zero": ctrl_zero,
@@ -258,6 +260,10 @@ def _summary(r: ExplainResult) -> str:
                  f"over layers {ranges(n['layers_measured'])} from {n['baseline']:.3f} to {n['ablated']:.3f} "
                  f"({pct(n['drop'])} lower), while {r.steps['A_causal']['controls']['n']} random equal-rank controls "
                  f"leave it at {n['controls_mean']:.3f}: (A) {'holds' if a.holds else 'does not hold'}.")
+        runs = {x["kind"]: x for x in r.steps["A_causal"]["runs"]}
+        if runs["baseline"].get("loss") is not None and runs["joint"].get("loss") is not None:
+            s.append(f"The next-token loss goes from {runs['baseline']['loss']:.3f} to {runs['joint']['loss']:.3f} "
+                     f"under the ablation (controls: {fnum(r.steps['A_causal']['controls'].get('loss_mean'))}).")
     elif r.birth_layers:
         s.append(f"(A) was not tested: {a.text[len('Not tested: '):]}.")
     b = r.claim("B_geometric")

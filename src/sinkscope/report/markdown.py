@@ -89,17 +89,23 @@ def what_rows(r: ExplainResult) -> tuple[list[str], list[list]]:
 
 def causal_rows(r: ExplainResult) -> tuple[list[str], list[list]]:
     a = r.steps["A_causal"]
-    header = ["run", "edited layers", "later sink attn", "change", "relative", "95% CI of change", "loss", "prompts"]
+    header = ["run", "edited layers", "later sink attn", "change", "relative", "95% CI of change", "loss",
+              "loss change (95% CI)", "prompts"]
     if a.get("skipped"):
         return header, []
+
+    def dloss(x):
+        return "n/a" if x.get("loss_change") is None else f"{x['loss_change']:+.3g} {fci(x['loss_change_ci95'])}"
     rows = [[x["name"], ranges(x["edited_layers"]) if x["edited_layers"] else "-", _f(x["value"]),
              f"{x['change']:+.3g}", pct(x["rel_change"]), fci(x["change_ci95"]),
-             _f(x.get("loss")), x["n_prompts"]] for x in a["runs"]]
+             _f(x.get("loss")), dloss(x) if x["kind"] != "baseline" else "-", x["n_prompts"]] for x in a["runs"]]
     c = a.get("controls")
     if c:
+        le = c.get("loss_effect") or {}
+        cl = "n/a" if not le else f"{le['delta']['mean']:+.3g} {fci(le['delta']['ci95'])}"
         rows.append([f"random controls (n={c['n']})", ranges(a["birth_layers"]),
                      f"{c['mean']:.3f} ± {c['std']:.2g}", f"{c['change']:+.3g}", pct(c["rel_change"]),
-                     fci(c["change_ci95"]), _f(c.get("loss_mean")), "-"])
+                     fci(c["change_ci95"]), _f(c.get("loss_mean")), cl, "-"])
     return header, rows
 
 
