@@ -257,6 +257,29 @@ def test_planted_geometric_matches_decompose_mlp_in(planted):
     assert tok8["d"] == pytest.approx(sign * d.cohens_d, rel=1e-4)
 
 
+def test_planted_loss_and_metrics_where_the_build_has_them(planted):
+    """With the metrics issue merged: the loss per run with CIs, and Gu/Sun/Yu numbers; without it: said so."""
+    from sinkscope.experiments.explain import metrics_supported
+    from sinkscope.experiments.explain_ablate import loss_supported
+    lm, ctx, r = planted
+    a = r.steps["A_causal"]
+    runs = {x["kind"]: x for x in a["runs"]}
+    if loss_supported():
+        assert all(math.isfinite(x["loss"]) and x["loss"] > 0 for x in a["runs"])
+        lo, hi = runs["joint"]["loss_change_ci95"]
+        assert lo <= runs["joint"]["loss_change"] <= hi
+        assert len(a["controls"]["loss"]) == 4 and a["controls"]["loss_effect"]["values"] == a["controls"]["loss"]
+        assert r.claim("A_causal").numbers["loss"]["baseline"] == runs["baseline"]["loss"]
+    else:
+        assert all(x["loss"] is None for x in a["runs"]) and "loss_note" in a
+    if metrics_supported():
+        m = r.steps["metrics"]
+        assert 0 <= m["gu_sink_rate_model"] <= 1 and len(m["gu_sink_rate"]) == lm.n_layers
+        assert r.steps["where"]["secondary_sinks"] is not None
+    else:
+        assert r.steps["metrics"] is None and any(n.startswith("literature metrics") for n in r.notes)
+
+
 def test_one_labelled_progress_bar_per_step(planted, capsys):
     lm, _, _ = planted
     ctx = RunContext(lm, api.tokenized(lm, api.prompts(PROMPTS, bos="always")), batch_size=2, progress=True)
@@ -490,6 +513,9 @@ def test_default_model_what_a_b(default_report):
     if not shuffled_passes:                                             # a finding, and the report says so
         assert "first position, not the word" in data["summary"]
     assert data["verdict"] == "found"
+    if data["steps"]["metrics"]:                                        # with the metrics issue: Yu et al.'s weight
+        sw = data["steps"]["metrics"]["super_weight"]                   # sits in the chosen column at layer 11
+        assert sw["layer"] == 11 and sw["col"] in what["dims"] and what["super_weight"]["col_in_dims"]
     s = data["summary"]
     assert "born at block 11" in s and "the MLP writes" in s and "(A) holds" in s and "1229" in s
     assert f"{n['baseline']:.3f}" in s and f"{n['ablated']:.3f}" in s
