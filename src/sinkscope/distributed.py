@@ -133,3 +133,23 @@ def barrier() -> None:
     d = _dist()
     if d is not None:
         d.barrier()
+
+
+def merge_prompt_arrays(arrays: dict[str, torch.Tensor], owned: torch.Tensor,
+                        fill: float = float("nan")) -> dict[str, torch.Tensor]:
+    """Per-prompt arrays {name: [N, ...]} filled by each rank for the prompts it owns (`owned` [N] bool): every
+    rank gets every array whole. Names or shapes a rank never made (it ran no batch) are filled with `fill`
+    first; the collectives run in sorted-name order on every rank."""
+    if _dist() is None:
+        return arrays
+    specs: dict = {}
+    for part in gather({k: (tuple(v.shape), str(v.dtype)) for k, v in arrays.items()}):
+        specs.update(part)
+    out = {}
+    for name in sorted(specs):
+        shape, dtype = specs[name]
+        t = arrays.get(name)
+        if t is None:
+            t = torch.full(shape, fill, dtype=getattr(torch, dtype.replace("torch.", "")))
+        out[name] = merge_rows(t, owned)
+    return out

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..result import Result
-from .. import stats
+from .. import distributed, stats
 from ..capture import Capture
 from ..runner import RunContext
 
@@ -45,19 +45,24 @@ def run_decompose_output(ctx: RunContext, layer: int, tokens=(0, 1, 8)) -> Decom
     norm_sum = torch.zeros(len(PARTS), len(tokens), **kw)
     usum = torch.zeros(len(PARTS), len(tokens), D, **kw)
     mismatch = torch.zeros((), dtype=torch.float32, device=dev)
+    def step(batch):
+        nonlocal mismatch
+        c = {k.split(".", 2)[2]: v.to(dev) for k, v in cap.forward(batch).items()}
+        r, a, m = c["hook_resid_pre"], c["hook_attn_out"], c["hook_mlp_out"]
+        y = r + a + m  # summed in fp32, as the reference does
+        mismatch = torch.maximum(mismatch, (y - c["hook_resid_post"]).nan_to_num().abs().max())
+        x = torch.stack([y, r, a, m]).double()                  # [4, B, T, D], in PARTS order
+        ok = ~torch.isnan(x).any(-1, keepdim=True)              # valid_rows: the prompt has token t
+        norms = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+        n.add_(ok.sum(1).squeeze(-1))
+        norm_sum.add_(torch.where(ok, norms, 0.0).sum(1).squeeze(-1))
+        usum.add_(torch.where(ok, x / norms.clamp_min(stats.EPS), 0.0).sum(1))
+
     with Capture(ctx.lm, sites) as cap:
-        for batch in ctx.iterate(f"decompose-output L{layer}"):
-            c = {k.split(".", 2)[2]: v.to(dev) for k, v in cap.forward(batch).items()}
-            r, a, m = c["hook_resid_pre"], c["hook_attn_out"], c["hook_mlp_out"]
-            y = r + a + m  # summed in fp32, as the reference does
-            mismatch = torch.maximum(mismatch, (y - c["hook_resid_post"]).nan_to_num().abs().max())
-            x = torch.stack([y, r, a, m]).double()                  # [4, B, T, D], in PARTS order
-            ok = ~torch.isnan(x).any(-1, keepdim=True)              # valid_rows: the prompt has token t
-            norms = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-            n += ok.sum(1).squeeze(-1)
-            norm_sum += torch.where(ok, norms, 0.0).sum(1).squeeze(-1)
-            usum += torch.where(ok, x / norms.clamp_min(stats.EPS), 0.0).sum(1)
-    n, norm_sum, usum = n.cpu(), norm_sum.cpu(), usum.cpu()
+        ctx.for_each(f"decompose-output L{layer}", step)
+    # data-parallel runs: the sums over every rank's prompts
+    n, norm_sum, usum = (distributed.all_sum(t).cpu() for t in (n, norm_sum, usum))
+    mismatch = distributed.all_max(mismatch)
     values = {}
     for row in ROWS:
         kind, part = row.split("_", 1)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..result import Result
-from .. import stats
+from .. import distributed, stats
 from ..capture import Capture
 from ..runner import RunContext, valid_rows
 from .mlp_common import (DimChoice, Table, ZStackRow, check_te_args, choose_dims, mlp_math, tokens_for,
@@ -146,13 +146,16 @@ def capture_mlp(ctx: RunContext, layer: int, tokens: list[int], gated: bool, ext
     sites.update(extra or {})
     N = len(ctx.prompts)
     out: dict[str, torch.Tensor] = {}
+    def step(batch):
+        for name, v in cap.forward(batch).items():
+            v = v.float().cpu()
+            if name not in out:
+                out[name] = torch.full((N,) + tuple(v.shape[1:]), float("nan"))
+            out[name][batch.index] = v
+
     with Capture(ctx.lm, sites) as cap:
-        for batch in ctx.iterate(desc):
-            for name, v in cap.forward(batch).items():
-                v = v.float().cpu()
-                if name not in out:
-                    out[name] = torch.full((N,) + tuple(v.shape[1:]), float("nan"))
-                out[name][batch.index] = v
+        ctx.for_each(desc, step)
+    out = distributed.merge_prompt_arrays(out, ctx.owned)   # data-parallel runs: every rank's prompts
     short = {f"blocks.{layer}.{s}": s for s in ("hook_mlp_in", "mlp.hook_pre", "mlp.hook_post",
                                                  "mlp.hook_pre_linear")}
     return {short.get(k, k): v for k, v in out.items()}

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..result import Result
-from .. import stats
+from .. import distributed, stats
 from ..capture import Capture
 from ..errors import UsageError
 from ..runner import QUERY_START, RunContext, query_mask
@@ -219,23 +219,28 @@ def run_scan(ctx: RunContext, sinks=(0,), interval: int = 1, heatmap_head: int |
     reduce["attn.hook_sink_prob"] = bufs.writer("attn.hook_sink_prob", _sink_prob_reducer(weights))
     reduce["attn.hook_gate"] = bufs.writer("attn.hook_gate", _gate_reducer)
     acc: _ScanAccumulator | None = None
+
+    def step(batch):
+        nonlocal acc
+        B = batch.size
+        bufs.start({"attn.hook_q": (B, T, H, d), "attn.hook_k": (B, T, H, d), "attn.hook_v": (B, T, H, d),
+                    "attn.hook_pattern": (B, H, T), "attn.hook_sink_prob": (B, H, T),
+                    "attn.hook_gate": (B, T, H), "hook_mlp_out": (B, T, D), "hook_attn_out": (B, T, D),
+                    "hook_resid_post": (B, T, D)})
+        cap.forward(batch)
+        b = bufs.buf                                                  # [L, B, ...] each
+        if acc is None:
+            acc = _ScanAccumulator(len(layers), T, b["attn.hook_k"].shape[3], b["attn.hook_k"].shape[4], D, dev)
+        _, ok_q, ok_tok = weights.get(batch, batch.input_ids.shape[1], dev)
+        acc.update(ok_q, ok_tok, b["attn.hook_q"], b["attn.hook_k"], b["attn.hook_v"], b["attn.hook_pattern"],
+                   b["hook_mlp_out"], b["hook_attn_out"], b["hook_resid_post"],
+                   b["attn.hook_sink_prob"] if "p_sink" in has else None,
+                   b["attn.hook_gate"] if "attn_gate" in has else None)
+        bufs.buf = {}
+
     with Capture(lm, sites, layers=layers, reduce=reduce) as cap:
-        for batch in ctx.iterate("scan"):
-            B = batch.size
-            bufs.start({"attn.hook_q": (B, T, H, d), "attn.hook_k": (B, T, H, d), "attn.hook_v": (B, T, H, d),
-                        "attn.hook_pattern": (B, H, T), "attn.hook_sink_prob": (B, H, T),
-                        "attn.hook_gate": (B, T, H), "hook_mlp_out": (B, T, D), "hook_attn_out": (B, T, D),
-                        "hook_resid_post": (B, T, D)})
-            cap.forward(batch)
-            b = bufs.buf                                                  # [L, B, ...] each
-            if acc is None:
-                acc = _ScanAccumulator(len(layers), T, b["attn.hook_k"].shape[3], b["attn.hook_k"].shape[4], D, dev)
-            _, ok_q, ok_tok = weights.get(batch, batch.input_ids.shape[1], dev)
-            acc.update(ok_q, ok_tok, b["attn.hook_q"], b["attn.hook_k"], b["attn.hook_v"], b["attn.hook_pattern"],
-                       b["hook_mlp_out"], b["hook_attn_out"], b["hook_resid_post"],
-                       b["attn.hook_sink_prob"] if "p_sink" in has else None,
-                       b["attn.hook_gate"] if "attn_gate" in has else None)
-            bufs.buf = {}
+        ctx.for_each("scan", step)
+    acc = _ScanAccumulator.merged_across_ranks(acc, dev)   # data-parallel runs: every rank's prompts
     records = acc.records(layers, sinks, attn_layers, has)
     notes = list(ctx.notes) + _coverage_notes(lengths, sinks) + _mixer_notes(lm, layers, attn_layers)
     return ScanResult(layers, sinks, records, notes=notes)
@@ -262,13 +267,16 @@ def _run_heatmaps(ctx: RunContext, layers: list[int], H: int, head: int, size: i
         raise UsageError(f"--heatmap-size must be >= 1, not {size}")
     M = min(max(lengths), size)
     attn = [l for l in layers if l in set(ctx.lm.attention_layers)]
-    heat = {l: torch.zeros(M, M, dtype=torch.float64) for l in layers}
+    sums = torch.zeros(len(attn), M, M, dtype=torch.float64)
+
+    def step(batch):
+        c = cap.forward(batch)
+        sums.add_(torch.stack([c[f"blocks.{l}.attn.hook_pattern"].cpu() for l in attn]))
+
     with Capture(ctx.lm, {"attn.hook_pattern": None}, layers=attn,
                  reduce={"attn.hook_pattern": _heatmap_reducer(head, M)}) as cap:
-        for batch in ctx.iterate("scan heatmaps"):
-            c = cap.forward(batch)
-            for l in attn:
-                heat[l] += c[f"blocks.{l}.attn.hook_pattern"].cpu()
+        ctx.for_each("scan heatmaps", step)
+    heat = dict(zip(attn, distributed.all_sum(sums)))        # data-parallel runs: every rank's prompts
     counts = heatmap_counts(lengths, M)
     maps = {l: torch.where(counts > 0, heat[l] / counts.clamp(min=1), float("nan")).tolist() if l in attn
             else torch.full((M, M), float("nan")).tolist() for l in layers}

@@ -29,6 +29,19 @@ def _merge_mean_var(mean: torch.Tensor, m2: torch.Tensor, n: torch.Tensor, x: to
     m2 += m2b + delta ** 2 * (nx * nbx / tot.clamp(min=1))
 
 
+def _chan_merge(mean: torch.Tensor, m2: torch.Tensor, n: torch.Tensor, mean_b: torch.Tensor, m2_b: torch.Tensor,
+                n_b: torch.Tensor) -> None:
+    """Chan et al.'s merge of two (count, mean, M2) states, in place into (mean, m2); n, n_b [L, T] are the
+    counts (not updated here), mean/m2 [L, T, *F]."""
+    extra = mean.dim() - n.dim()
+    na = n.view(*n.shape, *([1] * extra))
+    nb = n_b.view(*n_b.shape, *([1] * extra))
+    tot = (na + nb).clamp(min=1)
+    delta = mean_b - mean
+    mean += delta * (nb / tot)
+    m2 += m2_b + delta ** 2 * (na * nb / tot)
+
+
 def _unit_sum(x: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
     """Sum over the batch (dim 1) of the float64 unit vectors of x [L, B, T, ..., D] where ok [L, B, T]
     (as stats.NormSpread: x / max(||x||, EPS), in float64)."""
@@ -59,6 +72,42 @@ class _ScanAccumulator:
 
     def state(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
+
+    @classmethod
+    def from_state(cls, state: dict[str, torch.Tensor], d: int, D: int, device) -> "_ScanAccumulator":
+        acc = cls.__new__(cls)
+        for k, v in state.items():
+            setattr(acc, k, v.to(device))
+        acc.d, acc.D = d, D
+        return acc
+
+    def merge(self, o: "_ScanAccumulator") -> None:
+        """Add another accumulator's prompts (another rank's share): Chan's merge, then the counts and sums."""
+        for i, key in enumerate(self.HEAD_STATS):
+            cnt, cnt_o = (self.n_q, o.n_q) if key in QUERY_STATS else (self.n_attn, o.n_attn)
+            _chan_merge(self.h_mean[i], self.h_m2[i], cnt, o.h_mean[i], o.h_m2[i], cnt_o)
+        for i in range(len(self.LOG_STATS)):
+            _chan_merge(self.log_mean[i], self.log_m2[i], self.n, o.log_mean[i], o.log_m2[i], o.n)
+        self.kv_usum += o.kv_usum
+        self.m_usum += o.m_usum
+        self.n += o.n
+        self.n_attn += o.n_attn
+        self.n_q += o.n_q
+
+    @classmethod
+    def merged_across_ranks(cls, acc: "_ScanAccumulator | None", device) -> "_ScanAccumulator":
+        """Every rank's accumulator merged in rank order (the identity in a single process). A rank that ran no
+        batch contributes nothing."""
+        from .. import distributed
+        if distributed.world_size() == 1:
+            return acc
+        parts = distributed.gather(None if acc is None else ({k: v.cpu() for k, v in acc.state().items()},
+                                                             acc.d, acc.D))
+        parts = [p for p in parts if p is not None]
+        out = cls.from_state(*parts[0], device)
+        for state, d, D in parts[1:]:
+            out.merge(cls.from_state(state, d, D, device))
+        return out
 
     def update(self, ok_q, ok_tok, q_mean, k, v, p, m, a, y, p_sink=None, gate=None) -> None:
         """ok_q, ok_tok [B, T]; q_mean, k, v [L, B, T, H, d]; p, p_sink [L, B, H, T]; gate [L, B, T, H];
