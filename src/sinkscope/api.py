@@ -123,6 +123,14 @@ def decompose_mlp_in(lm, prompts=None, *, layer: int, sink_tok: int = 0, ref_tok
         te_k=te_k, te_mass=te_mass, seed=seed), **run)
 
 
+def ablate_router(lm, prompts=None, *, layer: int, route: str = "forbid", expert: int, token: int = 0, **run):
+    """`--layer L --ablate-router forbid|force --expert E`: route token 0 away from expert E (or to it) at MoE block
+    L and measure the sink attention (and the loss) at the later layers against the baseline."""
+    from .experiments.ablate_router import run_ablate_router
+    return _run("ablate_router", run_ablate_router, lm, prompts, dict(layer=layer, route=route, expert=expert,
+                                                                      token=token), **run)
+
+
 def explain(lm, prompts=None, *, thresholds=None, seed: int = 19, n_controls: int = 10, n_random: int = 2,
             metrics: bool = True, **run):
     """`sinkscope explain`: where and how the model's sink forms, tested (docs/explain.md). thresholds: an
@@ -151,7 +159,7 @@ def explain_compare(results):
     return res
 
 
-MODES = ("scan", "decompose_output", "find_mlp_subspace", "ablate_mlp_out", "decompose_mlp_in")
+MODES = ("scan", "decompose_output", "find_mlp_subspace", "ablate_mlp_out", "decompose_mlp_in", "ablate_router")
 
 __all__ = ["load", "prompts", "tokenized", "invoked_as", *MODES]
 __all__ += ["explain", "explain_compare"]
