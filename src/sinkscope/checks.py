@@ -103,6 +103,7 @@ def check_against_config(mode: str, p: dict, config) -> None:
     H = getattr(config, "num_attention_heads", None)
     D = getattr(config, "hidden_size", None)
     F = ffn_width(config)
+    n_experts = next((v for v in (getattr(config, a, None) for a in EXPERT_COUNT_ATTRS) if isinstance(v, int)), 0)
     if L and p.get("layer") is not None:
         layer = p["layer"]
         _int("--layer", layer)
@@ -111,7 +112,6 @@ def check_against_config(mode: str, p: dict, config) -> None:
         if mode in RANDOM_CONTROL_MODES and layer % L == L - 1:
             raise UsageError(f"--layer {layer} is the last layer: there is no later layer to measure the sink at "
                              f"(use --layer 0..{L - 2})")
-    n_experts = next((v for v in (getattr(config, a, None) for a in EXPERT_COUNT_ATTRS) if isinstance(v, int)), 0)
     if mode == "ablate_router" and n_experts and not p["expert"] < n_experts:
         raise UsageError(f"--expert {p['expert']} is out of range: this model has experts 0..{n_experts - 1}")
     if mode == "ablate_router" and not n_experts:
@@ -123,7 +123,7 @@ def check_against_config(mode: str, p: dict, config) -> None:
         raise UsageError(f"--head {p['heatmap_head']} is out of range: this model has heads 0..{H - 1}")
     if F and p.get("te_k") is not None and p["te_k"] > F:
         raise UsageError(f"--te-k {p['te_k']} is larger than the MLP width ({F} z dims)")
-    if F and p.get("vec_idx"):
+    if F and p.get("vec_idx") and not n_experts:  # a MoE's flat z is checked once the model is loaded
         bad = [i for i in p["vec_idx"] if i >= F]
         if bad:
             raise UsageError(f"--vec-idx {' '.join(map(str, bad))} is out of range: the MLP has z dims 0..{F - 1}")
