@@ -143,10 +143,10 @@ def tiny_model(model_type: str, seed: int = 0, dtype: torch.dtype = torch.float3
                 s.copy_(torch.randn(s.shape, generator=torch.Generator().manual_seed(seed + l)) * 2)
     spec = lm.adapter.moe
     with torch.no_grad():  # router biases (gpt-oss) and DeepSeek's score correction: drawn too (init: 0)
-        for l, block in enumerate(lm.layers):
-            router = resolve(block, spec.router) if spec is not None else None
+        for l, block in enumerate(lm.layers if spec is not None else ()):
+            router = resolve(block, spec.router) if resolve(block, spec.experts) is not None else None
             for name in ROUTER_BIASES:
-                b = getattr(router, name, None) if resolve(block, spec.experts) is not None else None
+                b = getattr(router, name, None)
                 if b is not None:
                     b.copy_(torch.randn(b.shape, generator=torch.Generator().manual_seed(seed + l)) * ROUTER_BIAS_SD)
     return lm
