@@ -17,6 +17,7 @@ The per-family data (router path, routing rule, expert layout, shared expert) is
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
@@ -38,27 +39,51 @@ def moe_layers(lm) -> list[int]:
     return [l for l in range(lm.n_layers) if is_moe_layer(lm, l)]
 
 
-@dataclass
 class Expert:
-    """One expert as a dense gated MLP in fp32: z = act(W_g x + b_g) * (W_u x + b_u), m_e = W_d z + b_d."""
-    name: int | str
-    W_g: torch.Tensor                 # [F, D]
-    W_u: torch.Tensor                 # [F, D]
-    W_d: torch.Tensor                 # [D, F]
-    b_g: torch.Tensor | None = None
-    b_u: torch.Tensor | None = None
-    b_d: torch.Tensor | None = None
-    act: torch.nn.Module | None = None
-    clamp: tuple[float, float] | None = None   # gpt-oss: (alpha, limit)
+    """One expert as a dense gated MLP in fp32: z = act(W_g x + b_g) * (W_u x + b_u), m_e = W_d z + b_d.
+
+    The weights are read from the model's parameters when used (fp32 copies of this expert only, not kept), so a
+    model with hundreds of experts costs nothing until a mode computes the experts its tokens are routed to."""
+
+    def __init__(self, name, spec: MoESpec, mod):
+        self.name, self.mod = name, mod
+        self.layout = SHARED if name == SHARED else spec.layout
+        if self.layout == SHARED:
+            self.F = mod.gate_proj.weight.shape[0]
+        else:
+            self.F = mod.down_proj.shape[1 if self.layout == "gpt_oss" else 2]
+        self.act = getattr(mod, "act_fn", None)
+        self.clamp = (float(mod.alpha), float(mod.limit)) if self.layout == "gpt_oss" else None  # gpt-oss SwiGLU
+
+    def weights(self) -> tuple[torch.Tensor, ...]:
+        """(W_g [F, D], b_g, W_u [F, D], b_u) in fp32; biases None where the expert has none."""
+        m, e = self.mod, self.name
+        if self.layout == SHARED:
+            return _f32(m.gate_proj.weight), None, _f32(m.up_proj.weight), None
+        W = _f32(m.gate_up_proj[e])
+        if self.layout == "gpt_oss":   # [D, 2F], gate and up interleaved, with biases
+            b = _f32(m.gate_up_proj_bias[e])
+            return W[:, ::2].T, b[::2], W[:, 1::2].T, b[1::2]
+        return W[:self.F], None, W[self.F:], None
 
     @property
-    def F(self) -> int:
-        return self.W_g.shape[0]
+    def W_d(self) -> torch.Tensor:
+        """[D, F]: column j is what z_j writes."""
+        if self.layout == SHARED:
+            return _f32(self.mod.down_proj.weight)
+        W = _f32(self.mod.down_proj[self.name])
+        return W.T if self.layout == "gpt_oss" else W
+
+    @property
+    def b_d(self) -> torch.Tensor | None:
+        b = getattr(self.mod, "down_proj_bias", None)
+        return None if b is None or self.layout == SHARED else _f32(b[self.name])
 
     def pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = x.float()
-        g, u = x @ self.W_g.T, x @ self.W_u.T
-        return (g if self.b_g is None else g + self.b_g), (u if self.b_u is None else u + self.b_u)
+        W_g, b_g, W_u, b_u = self.weights()
+        x = x.float().to(W_g.device)
+        g, u = x @ W_g.T, x @ W_u.T
+        return (g if b_g is None else g + b_g), (u if b_u is None else u + b_u)
 
     def z_from_factors(self, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         if self.clamp is None:
@@ -75,20 +100,6 @@ def _f32(p: torch.Tensor) -> torch.Tensor:
     return p.detach().float()
 
 
-def _experts(mod, spec: MoESpec) -> list[Expert]:
-    out = []
-    for e in range(mod.gate_up_proj.shape[0]):
-        W = _f32(mod.gate_up_proj[e])
-        if spec.layout == "gpt_oss":
-            b = _f32(mod.gate_up_proj_bias[e])
-            out.append(Expert(e, W[:, ::2].T.contiguous(), W[:, 1::2].T.contiguous(), _f32(mod.down_proj[e]).T,
-                              b[::2], b[1::2], _f32(mod.down_proj_bias[e]), clamp=(float(mod.alpha), float(mod.limit))))
-        else:
-            F = W.shape[0] // 2
-            out.append(Expert(e, W[:F], W[F:], _f32(mod.down_proj[e]), act=mod.act_fn))
-    return out
-
-
 class MoEMath:
     """The MoE of block `layer` in fp32: routing as the model computes it, the experts, the flat z and W_down.
     Duck-types the parts of mlp_common.MLPMath the MLP modes use (kind, gated, F, W_down, z, grad)."""
@@ -103,17 +114,21 @@ class MoEMath:
         self.router = get_module(block, spec.router)
         self.top_k = int(self.router.top_k)
         self.n_experts = int(self.router.num_experts)
-        self.experts = _experts(get_module(block, spec.experts), spec)
+        experts = get_module(block, spec.experts)
+        self.experts = [Expert(e, spec, experts) for e in range(self.n_experts)]
         shared = resolve(block, spec.shared)
         self.shared_gate = resolve(block, spec.shared_gate)
         if shared is not None:
-            self.experts.append(Expert(SHARED, _f32(shared.gate_proj.weight), _f32(shared.up_proj.weight),
-                                       _f32(shared.down_proj.weight), act=shared.act_fn))
+            self.experts.append(Expert(SHARED, spec, shared))
         self.offsets = [0]
         for ex in self.experts:
             self.offsets.append(self.offsets[-1] + ex.F)
-        self.W_down = torch.cat([ex.W_d for ex in self.experts], dim=1)   # [D, sum F]
-        self.W_gate = self.W_down  # the device of the weights (the name MLPMath users read it under)
+        self.device = self.router.weight.device
+
+    @functools.cached_property
+    def W_down(self) -> torch.Tensor:
+        """[D, sum F] every expert's W_down side by side (column off_e + j is what z^e_j writes)."""
+        return torch.cat([ex.W_d for ex in self.experts], dim=1)
 
     @property
     def F(self) -> int:
@@ -198,14 +213,18 @@ class MoEMath:
     def z(self, x: torch.Tensor) -> torch.Tensor:
         """The flat z [N, F]: w_e z^e for every expert block (0 for experts the row is not routed to)."""
         w = self.block_weights(x)
-        return torch.cat([ex.z(x) * w[:, b:b + 1] for b, ex in enumerate(self.experts)], -1)
+        parts = []
+        for b, ex in enumerate(self.experts):   # experts no row is routed to are zero, not computed
+            wb = w[:, b:b + 1]
+            parts.append(ex.z(x) * wb if bool((wb != 0).any()) else torch.zeros(x.shape[0], ex.F, device=w.device))
+        return torch.cat(parts, -1)
 
     def bias(self, x: torch.Tensor) -> torch.Tensor:
         """[N, D] what m holds beyond W_down z: the routing-weighted down-projection biases (0 without biases)."""
         w = self.block_weights(x)
         out = torch.zeros(x.shape[0], self.W_down.shape[0], device=w.device)
         for b, ex in enumerate(self.experts):
-            if ex.b_d is not None:
+            if getattr(ex.mod, "down_proj_bias", None) is not None and ex.name != SHARED:
                 out = out + w[:, b:b + 1] * ex.b_d
         return out
 

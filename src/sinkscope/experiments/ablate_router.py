@@ -71,7 +71,7 @@ def run_ablate_router(ctx: RunContext, layer: int, route: str, expert: int, toke
     tokens_for(ctx, token)
     if token != 0:
         raise UsageError("--ablate-router measures the sink at token 0; --ablate-tok must be 0")
-    X = _token_x(ctx, layer, token).to(mm.W_down.device)
+    X = _token_x(ctx, layer, token).to(mm.device)
     before = int((mm.route(X)[1] == expert).any(-1).sum())
     kw = {"forbid": expert} if route == "forbid" else {"force": expert}
     after = int((mm.route(X, **kw)[1] == expert).any(-1).sum())

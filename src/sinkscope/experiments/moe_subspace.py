@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import stats
+from .. import distributed, stats
+from ..capture import Capture
 from ..moe import SHARED, MoEMath
 from ..result import Result
 from ..runner import RunContext
@@ -72,20 +73,37 @@ def _routing_summary(mm: MoEMath, X: torch.Tensor) -> list[dict]:
     return sorted(out, key=lambda r: (-r["n_prompts"], -r["mean_weight"]))
 
 
+def _capture_x_m(ctx: RunContext, layer: int, tokens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (hook_mlp_in) and m (hook_mlp_out) of block `layer` at `tokens`: CPU fp32 [N, T, D] in prompt order, NaN
+    where a prompt is too short (every rank's prompts in a data-parallel run)."""
+    sites = {f"blocks.{layer}.{s}": tokens for s in ("hook_mlp_in", "hook_mlp_out")}
+    N = len(ctx.prompts)
+    out: dict[str, torch.Tensor] = {}
+
+    def step(batch):
+        for name, v in cap.forward(batch).items():
+            out.setdefault(name, torch.full((N,) + tuple(v.shape[1:]), float("nan")))[batch.index] = v.float().cpu()
+
+    with Capture(ctx.lm, sites) as cap:
+        ctx.for_each(f"find-mlp-subspace (MoE) L{layer}", step)
+    out = distributed.merge_prompt_arrays(out, ctx.owned)
+    return out[f"blocks.{layer}.hook_mlp_in"], out[f"blocks.{layer}.hook_mlp_out"]
+
+
 def run_moe_subspace(ctx: RunContext, layer: int, tokens=(0, 1, 8), sink_tok: int = 0, ref_tok: int = 8,
                      te_k: int = 3, te_mass: float = 0.55, vec_idx=None) -> MoESubspaceResult:
-    from .find_mlp_subspace import capture_mlp
     lm = ctx.lm
     check_te_args(te_k, te_mass)
     tokens = tokens_for(ctx, *tokens, sink_tok, ref_tok)
     mm = MoEMath(lm, layer)
-    msite = f"blocks.{layer}.hook_mlp_out"
-    cache = capture_mlp(ctx, layer, tokens, False, {msite: tokens}, desc=f"find-mlp-subspace (MoE) L{layer}")
-    x, z, m = cache["hook_mlp_in"], cache["mlp.hook_post"], cache[msite]
+    x, m = _capture_x_m(ctx, layer, tokens)
     ti = tokens.index(sink_tok)
-    dev = mm.W_down.device
+    dev = mm.device
     ok = ~torch.isnan(x[:, ti]).any(-1)
-    X0, Z0, M0 = (t[:, ti][ok].to(dev) for t in (x, z, m))
+    X0, M0 = x[:, ti][ok].to(dev), m[:, ti][ok].to(dev)
+    Z0 = mm.z(X0)                                                 # the flat z, at the sink token only
+    z_sink = torch.full((x.shape[0], mm.F), float("nan"))
+    z_sink[ok] = Z0.cpu()
     routing = {t: _routing_summary(mm, x[:, i][~torch.isnan(x[:, i]).any(-1)].to(dev)) for i, t in enumerate(tokens)}
     w0, idx0 = mm.route(X0)
     order = torch.argsort(idx0, dim=-1)
@@ -108,7 +126,7 @@ def run_moe_subspace(ctx: RunContext, layer: int, tokens=(0, 1, 8), sink_tok: in
     top = pairs[0]
     sw = {"layer": layer, "expert": top["expert"], "row": c, "col": top["dim"],
           "value": float(mm.W_down[c, top["flat"]]), "param": _param(mm, top["expert"], c, top["dim"])}
-    choice = choose_dims(z[:, ti], vec_idx, te_k, te_mass, sink_tok, layer, mm.F)
+    choice = choose_dims(z_sink, vec_idx, te_k, te_mass, sink_tok, layer, mm.F)
     return MoESubspaceResult(
         layer=layer, model_type=lm.adapter.model_type, tokens=tokens, sink_tok=sink_tok, ref_tok=ref_tok,
         n_experts=mm.n_experts, top_k=mm.top_k, has_shared=mm.has_shared, routing=routing,
