@@ -162,7 +162,7 @@ class MoEMath:
         forbid / force: expert E is never / always among the chosen (its selection score set to -inf / +inf;
         the weights are the model's own rule applied to the new choice)."""
         r, k = self.router, self.top_k
-        lg = self.logits(x)
+        lg = self.logits(x.to(self.device))
 
         def steer(sel: torch.Tensor) -> torch.Tensor:
             sel = sel.clone()
@@ -196,6 +196,7 @@ class MoEMath:
 
     def block_weights(self, x: torch.Tensor, forbid=None, force=None) -> torch.Tensor:
         """[N, n_blocks] the weight of every expert block per row (0 where not routed; the shared expert's gate)."""
+        x = x.to(self.device)
         w, idx = self.route(x, forbid, force)
         out = torch.zeros(x.shape[0], len(self.experts), device=w.device)
         out[:, :self.n_experts].scatter_(1, idx, w)
@@ -212,6 +213,7 @@ class MoEMath:
 
     def z(self, x: torch.Tensor) -> torch.Tensor:
         """The flat z [N, F]: w_e z^e for every expert block (0 for experts the row is not routed to)."""
+        x = x.to(self.device)
         w = self.block_weights(x)
         parts = []
         for b, ex in enumerate(self.experts):   # experts no row is routed to are zero, not computed
@@ -221,6 +223,7 @@ class MoEMath:
 
     def bias(self, x: torch.Tensor) -> torch.Tensor:
         """[N, D] what m holds beyond W_down z: the routing-weighted down-projection biases (0 without biases)."""
+        x = x.to(self.device)
         w = self.block_weights(x)
         out = torch.zeros(x.shape[0], self.W_down.shape[0], device=w.device)
         for b, ex in enumerate(self.experts):
@@ -230,7 +233,7 @@ class MoEMath:
 
     def output(self, x: torch.Tensor) -> torch.Tensor:
         """m recomputed in fp32: W_down z + bias."""
-        return self.z(x) @ self.W_down.T + self.bias(x)
+        return self.z(x) @ self.W_down.T + self.bias(x)   # on the weights' device
 
     def contributions(self, x: torch.Tensor, channel: int) -> torch.Tensor:
         """[N, F] w_e W^e_down[channel, j] z^e_j: what each (expert, dim) writes to one residual channel."""
@@ -242,10 +245,10 @@ class MoEMath:
         b = next(i for i in range(len(self.experts)) if j < self.offsets[i + 1])
         w = self.block_weights(x)[:, b:b + 1]
         with torch.enable_grad():
-            leaf = x.detach().float().clone().requires_grad_(True)
+            leaf = x.detach().float().to(self.device).clone().requires_grad_(True)
             zj = self.experts[b].z(leaf)[:, j - self.offsets[b]]
             (grad,) = torch.autograd.grad((zj ** 2).sum(), leaf)
-        return grad * w ** 2
+        return (grad * w ** 2).to(x.device)
 
 
 def moe_math(lm, layer: int) -> MoEMath:
