@@ -258,3 +258,20 @@ def test_family_table_marks_every_moe_family():
     for family in MOE_CONFIGS:
         assert rows[family].split(" | ")[1] == "MoE", family
     assert "MLA" in rows["deepseek_v3"] and "shared expert" in rows["qwen2_moe"]
+
+
+def test_qwen3_next_moe_blocks_route_and_close_like_the_model():
+    """Qwen3-Next's MoE variant (a dense family row with a MoESpec): router and MoE output as the model's."""
+    from sinkscope.testing import tiny_model
+    lm = tiny_model("qwen3_next-moe")
+    batch = make_batches(tokenize(lm.tokenizer, PROMPTS), batch_size=len(PROMPTS), bucket=False)[0]
+    assert moe_layers(lm) == list(range(lm.n_layers))
+    io = _router_io(lm, batch, L)
+    w, idx = MoEMath(lm, L).route(io["x"])
+    assert torch.equal(torch.sort(idx, -1).values, torch.sort(io["idx"], -1).values.long())
+    with Capture(lm, {f"blocks.{L}.hook_mlp_in": None, f"blocks.{L}.hook_mlp_out": None}) as cap:
+        c = cap.forward(batch)
+    n = int(batch.lengths.min())
+    x, m = c[f"blocks.{L}.hook_mlp_in"][:, :n], c[f"blocks.{L}.hook_mlp_out"][:, :n]
+    rec = MoEMath(lm, L).output(x.reshape(-1, x.shape[-1])).view_as(m)
+    assert float(((rec - m).norm(dim=-1) / m.norm(dim=-1)).max()) < CLOSURE

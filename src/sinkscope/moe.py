@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import functools
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 
 from .arch import MoESpec, get_module, resolve
+
 DEEPSEEK_GROUP_TOP = 2      # DeepSeek-V3 scores a group by the sum of its top-2 expert scores
 DEEPSEEK_NORM_EPS = 1e-20   # the denominator guard of its top-k renormalisation
 SHARED = "shared"
