@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+import sinkscope as ss
 from sinkscope import api
 from sinkscope.arch import family_table, get_module
 from sinkscope.capture import Capture
@@ -189,7 +190,7 @@ def test_interventions_leave_weights_bit_identical_and_no_hook(fam):
     before = {k: v.clone() for k, v in lm.model.state_dict().items()}
     hooks = _hooks(lm.model)
     kw = dict(layer=L, batch_size=2, progress=False)
-    api.ablate_router(lm, PROMPTS, route="forbid", expert=0, **kw)
+    ss.ablate_router(lm, PROMPTS, route="forbid", expert=0, **kw)   # the public API name
     api.ablate_router(lm, PROMPTS, route="force", expert=1, **kw)
     api.ablate_mlp_out(lm, PROMPTS, mode="direction", vec_idx=[0, 1], **kw)
     api.decompose_mlp_in(lm, PROMPTS, vec_idx=[0, 1], **kw)
