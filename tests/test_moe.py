@@ -170,6 +170,7 @@ def test_every_mode_runs_under_the_default_flags(fam, capsys):
                           capsys, "abl")
     d = _json(od / f"ablate_mlp_out_direction_L{L}.json")
     assert rc == 0 and d["chosen_dims"] == flat and d["residual_frac"] < 1e-4   # the experts' columns removed
+    assert any("flat z" in n for n in d["notes"])                                 # how flat dims map to experts
     assert d["series"]["random_control"] is not None
     rc, _, err, od = _cli(fam, ["--decompose-mlp-in", "--layer", str(L), "--vec-idx", *map(str, flat)], capsys, "din")
     assert rc == 0 and len(_json(od / f"decompose_mlp_in_L{L}.json")["directions"]) == 2

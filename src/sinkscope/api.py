@@ -26,6 +26,7 @@ from .promptset import PromptSet, Prompts, fit_to_model, load_prompts
 from .provenance import provenance
 from .runner import RunContext
 
+MLP_MODES = ("ablate_mlp_out", "decompose_mlp_in")  # modes whose z dims may index a MoE's flat z
 _ARGV: ContextVar[list | None] = ContextVar("sinkscope_argv", default=None)
 
 
@@ -69,6 +70,11 @@ def _run(mode: str, fn, lm, prompts, params: dict, batch_size=16, progress: bool
     checks.check_against_config(mode, params, lm.config)
     toks = tokenized(lm, prompts, truncate)
     ctx = RunContext(lm, toks, batch_size=batch_size, progress=progress)
+    if mode in MLP_MODES and isinstance(params.get("layer"), int) and params.get("mode") != "magnitude":
+        from .moe import flat_layout_note, is_moe_layer
+        layer = params["layer"] % lm.n_layers
+        if is_moe_layer(lm, layer):
+            ctx.notes.append(flat_layout_note(lm, layer))
     result = fn(ctx, **params)
     result.meta = provenance(lm, toks, mode, {**params, "batch_size": ctx.batch_size, "truncate": truncate},
                              argv=_ARGV.get())

@@ -312,3 +312,12 @@ def steer_router(lm, layer: int, token: int, forbid: int | None = None, force: i
     finally:
         for h in handles:
             h.remove()
+
+
+def flat_layout_note(lm, layer: int) -> str:
+    """One line saying how the flat z dims of MoE block `layer` map to (expert, dim)."""
+    mm = MoEMath(lm, layer)
+    spans = ", ".join(f"{'shared' if ex.name == SHARED else f'e{ex.name}'} {mm.offsets[b]}..{mm.offsets[b + 1] - 1}"
+                      for b, ex in enumerate(mm.experts))
+    return (f"block {layer} is a mixture of experts: its z dims (--vec-idx, chosen dims) index the flat z = w_e z^e "
+            f"of every expert side by side: {spans}")
