@@ -291,11 +291,11 @@ def steer_router(lm, layer: int, token: int, forbid: int | None = None, force: i
     def pre(mod, args, kwargs):
         shape["S"] = (args[0] if args else kwargs["hidden_states"]).shape[1]
 
-    def post(mod, args, out):
+    def post(mod, args, kwargs, out):
         S = shape["S"]
         if token >= S:
             return None
-        h = args[0]
+        h = args[0] if args else kwargs["hidden_states"]
         h = h.reshape(-1, h.shape[-1])
         rows = torch.arange(token, h.shape[0], S, device=h.device)
         logits, scores, idx = out
@@ -307,7 +307,7 @@ def steer_router(lm, layer: int, token: int, forbid: int | None = None, force: i
 
     handles = [get_module(block, lm.adapter.moe.block).register_forward_pre_hook(pre, with_kwargs=True)]
     try:
-        handles.append(mm.router.register_forward_hook(post))
+        handles.append(mm.router.register_forward_hook(post, with_kwargs=True))
         yield
     finally:
         for h in handles:
