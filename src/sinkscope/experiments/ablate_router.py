@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import distributed
 from ..capture import Capture
 from ..errors import UsageError
 from ..moe import MoEMath, is_moe_layer, moe_layers, steer_router
@@ -55,11 +56,16 @@ def check_router_args(lm, layer: int, route: str, expert) -> MoEMath:
 
 
 def _token_x(ctx: RunContext, layer: int, token: int) -> torch.Tensor:
+    """x at `token` of MoE block `layer`, one row per prompt that has it (every rank's prompts)."""
     site = f"blocks.{layer}.hook_mlp_in"
-    rows = []
+    out = {site: torch.full((len(ctx.prompts), ctx.lm.config.hidden_size), float("nan"))}
+
+    def step(batch):
+        out[site][batch.index] = cap.forward(batch)[site][:, 0].float().cpu()
+
     with Capture(ctx.lm, {site: [token]}) as cap:
-        ctx.for_each(f"ablate-router x L{layer}", lambda batch: rows.append(cap.forward(batch)[site][:, 0].cpu()))
-    x = torch.cat(rows) if rows else torch.zeros(0, 1)
+        ctx.for_each(f"ablate-router x L{layer}", step)
+    x = distributed.merge_prompt_arrays(out, ctx.owned)[site]
     return x[~torch.isnan(x).any(-1)]
 
 
