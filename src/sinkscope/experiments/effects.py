@@ -126,7 +126,8 @@ class Outcome:
     control_seeds: list[int]
     seed: int
     n_controls: int = 0
-    control_loss: list = field(default_factory=list)   # every control's loss (prompt order of the controls)
+    control_loss: list = field(default_factory=list)   # every control's loss, in control order
+    control_per_layer: list = field(default_factory=list)  # every control's sink attention per layer
 
 
 def summarise(series: dict, runs: list[str], controls: list, seeds: list[int], seed: int,
@@ -140,4 +141,4 @@ def summarise(series: dict, runs: list[str], controls: list, seeds: list[int], s
     return Outcome(layers=list(base.layers), loss=loss, effects=effects,
                    controls=control_summary(controls, base, metrics, seed, "random") if controls else {},
                    control_seeds=list(seeds), seed=seed, n_controls=len(controls),
-                   control_loss=[s.loss for s in controls])
+                   control_loss=[s.loss for s in controls], control_per_layer=[list(s.mean) for s in controls])

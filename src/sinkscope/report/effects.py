@@ -18,8 +18,16 @@ def _f(x) -> str:
     return "N/A" if x is None or not math.isfinite(x) else f"{x:.4f}"
 
 
+SMALL = 1e-3          # below this |x|, changes print as 2.6e-4 (short scientific), so CI cells stay < 20 chars
+
+
 def _g(x) -> str:
-    return "N/A" if x is None or not math.isfinite(x) else f"{x:.3g}"
+    if x is None or not math.isfinite(x):
+        return "N/A"
+    if x != 0 and abs(x) < SMALL:
+        mant, exp = f"{x:.1e}".split("e")
+        return f"{mant}e{int(exp)}"
+    return f"{x:.3g}"
 
 
 def _ci(ci, fmt=_f) -> str:
@@ -44,7 +52,7 @@ def metric_table(o: Outcome, metric: str, base_name: str = "baseline", labels: d
     if c:
         rows.append((f"random x{c['n']}: mean", [_f(c["mean"]), _ci(c["ci95"]), _g(c["change_mean"]),
                                                  _ci(c["change_ci95"], _g), _pct(c["rel_change"])], "str"))
-        rows.append((f"random x{c['n']}: std", [_f(c["std"]), "", "", "", ""], "str"))
+        rows.append((f"random x{c['n']}: std", [_g(c["std"]), "", "", "", ""], "str"))
         rows.append((f"random x{c['n']}: min..max", [f"{min(c['values']):.4f}..{max(c['values']):.4f}", "", "", "",
                                                      ""], "str"))
     if not rows:
@@ -71,7 +79,8 @@ def payload(o: Outcome | None) -> dict:
         return {"loss": None, "effects": None, "controls": None}
     controls = None
     if o.n_controls:
-        controls = {"n": o.n_controls, "seeds": o.control_seeds, "level": LEVEL, **o.controls}
+        controls = {"n": o.n_controls, "seeds": o.control_seeds, "level": LEVEL, **o.controls,
+                    "sink_per_layer": {"layers": o.layers, "values": o.control_per_layer}}
     loss = dict(o.loss)
     if o.n_controls and o.control_loss and all(x is not None for x in o.control_loss):
         loss["random_controls"] = o.control_loss
