@@ -18,7 +18,7 @@ from sinkscope.experiments.sinkattn import SinkSeries, run_sink_pass
 from sinkscope.loss import batch_loss, mean_loss, token_nll
 from sinkscope.promptset import Batch, tokenize
 from sinkscope.runner import RunContext
-from sinkscope.testing import save_tiny_model, tiny_model
+from sinkscope.testing import ALL_FAMILIES, save_tiny_model, tiny_model
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Attention sinks form early.", "Hi", "Zebras, yaks, a line."]
 # family -> config overrides that make its logit transform matter on a random-init model
@@ -54,6 +54,17 @@ def test_loss_equals_the_models_own(family):
     if lm.adapter.logit_ops:                                            # the row's transform is what makes it equal
         plain = dataclasses.replace(lm, adapter=dataclasses.replace(lm.adapter, logit_ops=()))
         assert abs(mean_loss(*batch_loss(plain, b)) - ref) > 1e-3 * ref
+
+
+def test_loss_equals_the_models_own_on_every_family():
+    bad = {}
+    for family in ALL_FAMILIES:
+        lm = tiny_model(family)
+        b = padded_batch(lm)
+        got, ref = mean_loss(*batch_loss(lm, b, vocab_chunk=100)), model_loss(lm, b)
+        if not abs(got - ref) <= 1e-5 * ref:
+            bad[family] = (got, ref)
+    assert not bad
 
 
 def test_loss_does_not_depend_on_chunks_and_matches_full_logits():
