@@ -16,7 +16,6 @@ these equals `model(input_ids, labels=input_ids, attention_mask=...).loss` (padd
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from typing import Callable
 
 import torch
@@ -132,12 +131,6 @@ class LossTap:
             raise RuntimeError("no forward of the model body ran since the last take()")
         out, self.last = self.last, None
         return out
-
-
-@contextmanager
-def loss_tap(lm, vocab_chunk: int = VOCAB_CHUNK):
-    with LossTap(lm, vocab_chunk) as tap:
-        yield tap
 
 
 def batch_loss(lm, batch, vocab_chunk: int = VOCAB_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
