@@ -86,11 +86,11 @@ def table(result: DecomposeMLPInResult) -> str:
                                                     f"x at tok{r.ref_tok}); perm_p: {r.n_perm} permutations, "
                                                     f"seed {r.seed}"))
         lines.append(format_table(r.sink_table.columns, r.sink_table.rows, title=r.sink_table.title))
-        lines.append(effects.tables(r.outcome, labels={"-span(rand⊥)": f"-span(rand⊥) (seed {r.seed})"}))
         lines.append(f"[check] mean ||Q^T x|| / ||x|| at tok{t} after the edit: "
                      + ", ".join(f"{k} {v:.2e}" for k, v in r.x_residual_frac.items())
                      + f" (Q rank {r.rank}; rand⊥: rank {r.rank}, seed {r.seed}, orthogonal to span(Q))")
         lines.append("[z-stack] " + ", ".join(f"{s.label}: ‖z‖≈{s.mean_norm:.4g}" for s in r.stacks))
+        lines.append(effects.tables(r.outcome, labels={"-span(rand⊥)": f"-span(rand⊥) (seed {r.seed})"}))
     lines.append(notes_text(r.notes))
     return "\n".join(filter(None, lines))
 
