@@ -35,7 +35,7 @@ def direction(ctx):
 
 @pytest.fixture(scope="module")
 def decompose(ctx):
-    return run_decompose_mlp_in(ctx, L)
+    return run_decompose_mlp_in(ctx, L, n_controls=3)
 
 
 def test_find_mlp_subspace_layer11(find):
@@ -66,6 +66,20 @@ def test_direction_ablation_undoes_the_sink(direction):
     assert s["mlp_out_ablated"].mean_over_layers() < s["layer_input_ablated"].mean_over_layers() \
         < s["baseline"].mean_over_layers() - 0.1
     assert direction.residual_frac < 1e-5
+
+
+def test_direction_ablation_loss_against_ten_controls(direction):
+    """The sink vanishes while the loss rises by 41 %; ten random controls move neither (measured, issue 7)."""
+    o = direction.outcome
+    assert o.n_controls == 10 and o.control_seeds[0] == direction.seed
+    assert o.loss["baseline"] == pytest.approx(4.453, abs=0.005)
+    abl = o.effects["mlp_out_ablated"]["loss"]
+    assert abl["value"] == pytest.approx(6.28, abs=0.02) and 1.6 < abl["delta_ci95"][0] < abl["delta_ci95"][1] < 2.1
+    c = o.controls["loss"]
+    assert len(c["values"]) == 10 and c["std"] < 1e-3 and abs(c["change_mean"]) < 1e-3
+    assert -2e-3 < c["change_ci95"][0] <= c["change_ci95"][1] < 2e-3
+    s = o.controls["sink"]
+    assert max(abs(v - o.effects["mlp_out_ablated"]["sink"]["baseline"]) for v in s["values"]) < 1e-3
 
 
 def test_magnitude_ablation(ctx):

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from sinkscope import api
+from sinkscope import api, stats
 from sinkscope.errors import UsageError
+from sinkscope.experiments import explain_ablate as ea
 from sinkscope.experiments import explain_stats as es
 from sinkscope.experiments.explain import run_explain
 from sinkscope.experiments.explain_core import ExplainThresholds
@@ -123,10 +124,10 @@ def test_random_positions_seeded_in_range_and_exclusive():
 
 def test_bootstrap_ci_covers_the_mean_and_is_seeded():
     v = np.random.default_rng(0).normal(1.0, 0.5, size=60)
-    lo, hi = es.bootstrap_mean_ci(v, seed=3)
+    lo, hi = ea.bootstrap_ci(v, seed=3)                   # explain's CIs are stats.bootstrap_ci's
     assert lo < v.mean() < hi and hi - lo < 0.5
-    assert [lo, hi] == es.bootstrap_mean_ci(v, seed=3)
-    assert es.bootstrap_mean_ci([2.0, float("nan")], seed=0) == [2.0, 2.0]
+    assert [lo, hi] == ea.bootstrap_ci(v, seed=3) == stats.bootstrap_ci(v, seed=3)
+    assert ea.bootstrap_ci([2.0, float("nan")], seed=0) == [2.0, 2.0]
 
 
 def test_thresholds_checked_and_overridable():

@@ -102,9 +102,10 @@ def test_scan(saved, capsys):
 
 MLP_MODES = {
     "find": (["--find-mlp-subspace", "--layer", str(L), "--vec-idx", "0", "1"], f"find_mlp_subspace_L{L}.json"),
-    "ablate": (["--layer", str(L), "--ablate-mlp-out", "direction", "--vec-idx", "0", "1"],
+    "ablate": (["--layer", str(L), "--ablate-mlp-out", "direction", "--vec-idx", "0", "1", "--n-controls", "2"],
                f"ablate_mlp_out_direction_L{L}.json"),
-    "decompose_in": (["--layer", str(L), "--decompose-mlp-in", "--vec-idx", "0", "1"], f"decompose_mlp_in_L{L}.json"),
+    "decompose_in": (["--layer", str(L), "--decompose-mlp-in", "--vec-idx", "0", "1", "--n-controls", "2"],
+                     f"decompose_mlp_in_L{L}.json"),
 }
 
 
@@ -127,6 +128,7 @@ def test_mlp_modes(saved, mode, capsys):
         base = d["series"]["baseline"]
         assert _finite(base["mean_over_layers"]) and 0 <= base["mean_over_layers"] <= 1
         assert d["residual_frac"] < 1e-4        # the chosen span is really removed
+        assert d["loss"]["baseline"] > 0 and len(d["controls"]["loss"]["values"]) == 2  # the loss on every family
     else:
         assert d["z_idx"] == [0, 1] and len(d["directions"]) == 2
 

@@ -109,24 +109,26 @@ def find_mlp_subspace(lm, prompts=None, *, layer: int, sections: Sequence[str] |
 
 def ablate_mlp_out(lm, prompts=None, *, layer: int, mode: str = "direction", sink_tok: int = 0, ref_tok: int = 8,
                    vec_idx: Sequence[int] | None = None, te_k: int = 3, te_mass: float = 0.55, seed: int = 19,
-                   **run):
-    """`--layer L --ablate-mlp-out direction|magnitude`: later sink attention with the sink token's MLP output at L
-    ablated, next to the baseline and random controls."""
+                   n_controls: int = 10, **run):
+    """`--layer L --ablate-mlp-out direction|magnitude`: later sink attention and next-token loss with the sink
+    token's MLP output at L ablated, next to the baseline and n_controls seeded random controls (with CIs)."""
     from .experiments.ablate_mlp_out import run_ablate_mlp_out
     return _run("ablate_mlp_out", run_ablate_mlp_out, lm, prompts, dict(
         layer=layer, mode=mode, sink_tok=sink_tok, ref_tok=ref_tok,
-        vec_idx=None if vec_idx is None else list(vec_idx), te_k=te_k, te_mass=te_mass, seed=seed), **run)
+        vec_idx=None if vec_idx is None else list(vec_idx), te_k=te_k, te_mass=te_mass, seed=seed,
+        n_controls=n_controls), **run)
 
 
 def decompose_mlp_in(lm, prompts=None, *, layer: int, sink_tok: int = 0, ref_tok: int = 8,
                      vec_idx: Sequence[int] | None = None, te_k: int = 3, te_mass: float = 0.55, seed: int = 19,
-                     **run):
+                     n_controls: int = 10, **run):
     """`--layer L --decompose-mlp-in`: the MLP-input directions that drive the top z dims (condition B), and the
-    sink with their span removed (condition A from the input side)."""
+    sink and next-token loss with their span removed (condition A from the input side), against n_controls
+    seeded random controls."""
     from .experiments.decompose_mlp_in import run_decompose_mlp_in
     return _run("decompose_mlp_in", run_decompose_mlp_in, lm, prompts, dict(
         layer=layer, sink_tok=sink_tok, ref_tok=ref_tok, vec_idx=None if vec_idx is None else list(vec_idx),
-        te_k=te_k, te_mass=te_mass, seed=seed), **run)
+        te_k=te_k, te_mass=te_mass, seed=seed, n_controls=n_controls), **run)
 
 
 def ablate_router(lm, prompts=None, *, layer: int, route: str = "forbid", expert: int, token: int = 0, **run):

@@ -87,6 +87,9 @@ class Adapter:
     eager_methods: tuple[tuple[str, str], ...] = ()
     moe: MoESpec | None = None         # the MoE block of the layers that have one (moe.py); dense layers use the above
     refuse: tuple[tuple[str, object, str], ...] = ()  # (config attribute, value, why): variants we cannot decompose
+    # (op, config attribute) applied in order to the LM head's logits (loss.py); op: "mul", "div" or "softcap"
+    # (cap * tanh(logits / cap)); an attribute that is None or absent in the config is skipped
+    logit_ops: tuple[tuple[str, str], ...] = ()
     special: str = ""                  # what is special about the family (documentation, README table)
 
     def is_parallel(self, config) -> bool:
@@ -140,9 +143,11 @@ ADAPTERS: dict[str, Adapter] = {
     "qwen3": _llama_like("qwen3", qk_norm=True, special="QK-norm"),
     "gemma": _llama_like("gemma", special="(1 + g) RMSNorm, scaled embedding"),
     "gemma2": _llama_like("gemma2", sandwich=True,
-                          special=f"{_SANDWICH}; logit soft-capping; eager attention (no SDPA)"),
+                          special=f"{_SANDWICH}; logit soft-capping; eager attention (no SDPA)",
+                          logit_ops=(("softcap", "final_logit_softcapping"),)),
     "gemma3_text": _llama_like("gemma3_text", qk_norm=True, sandwich=True,
-                               special=f"{_SANDWICH}; QK-norm; local/global layers"),
+                               special=f"{_SANDWICH}; QK-norm; local/global layers",
+                               logit_ops=(("softcap", "final_logit_softcapping"),)),
     # Gemma 3 with a vision tower (what AutoModelForCausalLM returns for every Gemma 3 checkpoint but the 1B
     # text-only one): the text tower is the body.
     "gemma3": _llama_like("gemma3", qk_norm=True, sandwich=True, body="model.language_model",
@@ -173,10 +178,10 @@ ADAPTERS: dict[str, Adapter] = {
         special="norms after each sublayer, none before; QK-norm over all heads"),
     "granite": _llama_like("granite", residual_scale="residual_multiplier",
                            special="residual_multiplier on every sublayer output, embedding_multiplier, "
-                                   "attention_multiplier as the softmax scale"),
+                                   "attention_multiplier as the softmax scale", logit_ops=(("div", "logits_scaling"),)),
     "cohere": replace(_llama_like("cohere", qk_norm=True, parallel=True, norm_kind="layer",
                                   special="parallel block with one shared LayerNorm (no bias); optional QK-norm; "
-                                          "logit scale"), mlp_norm=None),
+                                          "logit scale", logit_ops=(("mul", "logit_scale"),)), mlp_norm=None),
     "starcoder2": Adapter(
         model_type="starcoder2", body="model", layers="model.layers", final_norm="model.norm",
         attn="self_attn", q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", qkv=None,

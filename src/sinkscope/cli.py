@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--ablate-tok", type=int, default=0, help="token whose MLP output/input is ablated")
     e.add_argument("--ref-tok", type=int, default=8, help="reference (non-sink) token")
     e.add_argument("--seed", type=int, default=19, help="seed of random controls and permutation tests")
+    e.add_argument("--n-controls", type=int, default=10,
+                   help="--ablate-mlp-out direction, --decompose-mlp-in: seeded random controls drawn (the first "
+                        "uses --seed); their mean, std and bootstrap CI are reported with the loss")
 
     o = p.add_argument_group("output")
     o.add_argument("--outdir", default="results", help="folder for JSON and PNG outputs")
@@ -108,9 +111,9 @@ def mode_params(mode: str, a) -> dict:
     if mode == "find_mlp_subspace":
         return dict(sections=a.mlp, tokens=a.tokens, **mlp)
     if mode == "ablate_mlp_out":
-        return dict(mode=a.ablate_mlp_out, seed=a.seed, **mlp)
+        return dict(mode=a.ablate_mlp_out, seed=a.seed, n_controls=a.n_controls, **mlp)
     if mode == "decompose_mlp_in":
-        return dict(seed=a.seed, **mlp)
+        return dict(seed=a.seed, n_controls=a.n_controls, **mlp)
     if mode == "ablate_router":
         return dict(layer=a.layer, route=a.ablate_router, expert=a.expert, token=a.ablate_tok)
     raise ValueError(mode)

@@ -26,6 +26,7 @@ __all__ = [
     "mean_sd_string", "mean_sd_list_string", "eff_rank_entropy", "eff_rank_participation",
     "cosine_matrix", "canonical_sign", "orthonormal_basis", "project_out",
     "random_orthogonal_basis", "cohens_d", "permutation_pvalue", "second_moment_spectrum",
+    "bootstrap_ci", "mean_std",
 ]
 
 
@@ -426,3 +427,43 @@ def permutation_pvalue(a, b, n_perm: int = 10000, seed: int = 0) -> float:
         count += int((stat >= thr).sum())
         done += m
     return (1 + count) / (1 + n_perm)
+
+
+# --------------------------------------------------------------------------- spread over prompts and controls
+
+N_BOOT = 2000          # bootstrap resamples
+BOOT_BLOCK = 500       # resamples drawn at a time (memory: BOOT_BLOCK x n indices)
+
+
+def bootstrap_ci(values, seed: int, n_boot: int = N_BOOT, level: float = 0.95, weights=None) -> list[float]:
+    """Percentile bootstrap CI of the mean over prompts: resample the n finite values with replacement n_boot
+    times (numpy default_rng(seed)), take the (1-level)/2 and 1-(1-level)/2 quantiles of the resampled means.
+    weights: per-value weights (e.g. token counts), giving the weighted mean sum(w v) / sum(w) per resample.
+    NaN values (and their weights) are dropped; none left -> [nan, nan]; one -> [v, v]."""
+    assert 0.0 < level < 1.0 and n_boot >= 1, (level, n_boot)
+    v = _np1d(values)
+    w = np.ones_like(v) if weights is None else _np1d(weights)
+    assert w.shape == v.shape, f"weights {w.shape} do not match values {v.shape}"
+    ok = np.isfinite(v) & np.isfinite(w) & (w > 0)
+    v, w = v[ok], w[ok]
+    if v.size == 0:
+        return [math.nan, math.nan]
+    if v.size == 1:
+        return [float(v[0]), float(v[0])]
+    rng = np.random.default_rng(seed)
+    means = []
+    for start in range(0, n_boot, BOOT_BLOCK):
+        idx = rng.integers(0, v.size, size=(min(BOOT_BLOCK, n_boot - start), v.size))
+        means.append((v[idx] * w[idx]).sum(1) / w[idx].sum(1))
+    lo, hi = np.quantile(np.concatenate(means), [(1 - level) / 2, 1 - (1 - level) / 2])
+    return [float(lo), float(hi)]
+
+
+def mean_std(values, ddof: int = 1) -> tuple[float, float]:
+    """Mean and standard deviation (ddof=1: the sample std) of the finite values; std is 0.0 for one value and
+    both are NaN for none."""
+    v = _np1d(values)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return math.nan, math.nan
+    return float(v.mean()), float(v.std(ddof=ddof)) if v.size > ddof else 0.0

@@ -10,7 +10,12 @@ makes it a sink later on? Sink attention at every later layer, before and after 
     (hook_resid_pre) and the sink measured at l' only. All l' are run in ONE forward of each batch twice over:
     at every later layer the second copy's residual is reset to the first copy's with token t ablated, so at
     l' the second copy sees exactly "the clean stream at l' with span(Q) removed at t".
-  - random_control: the mlp_out ablation with a seeded random subspace of the same rank, orthogonal to span(Q).
+  - random_control: the mlp_out ablation with a seeded random subspace of the same rank, orthogonal to span(Q)
+    (seed --seed, the reference's single control). `n_controls` controls are drawn in all (effects.control_seeds;
+    the first is this one); their spread is reported beside the table.
+* Every run but layer_input_ablated also measures the mean next-token loss (loss.py) over the same prompts; the
+  ablation's and the controls' effects on sink attention and loss come with bootstrap CIs over prompts
+  (effects.py).
   For magnitude these two columns are N/A: a rescaling has no subspace to remove or to match at random.
 * For models with a post-MLP norm (Gemma 2/3 sandwich), m is read after that RMS norm, which rescales and
   multiplies by gamma; the basis is then taken from the normed columns (the span a W_down column lands in).
@@ -29,6 +34,7 @@ from ..arch import get_module
 from ..interventions import edit_sites, project_out_token, scale_token
 from ..runner import RunContext
 from .mlp_common import Table, check_te_args, choose_dims, mlp_math, tokens_for
+from .effects import Outcome, check_n_controls, control_seeds, summarise
 from .sinkattn import SinkSeries, later_layers, run_sink_pass, series_rows
 
 MAG_CAP = 1.0       # magnitude mode never increases the norm (the reference's cap)
@@ -60,6 +66,9 @@ class AblateMLPOutResult(Result):
     residual_frac: float | None = None    # direction: mean ||Q^T m_t'|| / ||m_t|| after the edit (~0)
     n_measured: int = 0
     notes: list[str] = field(default_factory=list)
+    n_controls: int = 0
+    controls: list = field(default_factory=list, repr=False)   # every random control's SinkSeries
+    outcome: Outcome | None = None                              # loss per run, effects with CIs, controls' spread
 
 
 def _basis(lm, layer: int, cols: torch.Tensor) -> tuple[torch.Tensor, str]:
@@ -92,13 +101,15 @@ def _layer_input_edits(lm, layers, token: int, Q: torch.Tensor):
 
 
 def run_ablate_mlp_out(ctx: RunContext, layer: int, mode: str, sink_tok: int = 0, ref_tok: int = 8,
-                       vec_idx=None, te_k: int = 3, te_mass: float = 0.55, seed: int = 19) -> AblateMLPOutResult:
+                       vec_idx=None, te_k: int = 3, te_mass: float = 0.55, seed: int = 19,
+                       n_controls: int = 10) -> AblateMLPOutResult:
     lm = ctx.lm
     if mode not in ("direction", "magnitude"):
         raise ValueError(f"mode must be direction or magnitude, not {mode!r}")
     layer = ctx.check_layer(layer)
     layers = later_layers(ctx, layer)
     check_te_args(te_k, te_mass)
+    check_n_controls(n_controls)
     tokens_for(ctx, sink_tok, ref_tok)
     mm = mlp_math(lm, layer)
     lengths = torch.tensor(ctx.prompts.lengths)
@@ -111,12 +122,14 @@ def run_ablate_mlp_out(ctx: RunContext, layer: int, mode: str, sink_tok: int = 0
     check = {f"blocks.{layer}.{site}": [sink_tok]}
     zsite = f"blocks.{layer}.mlp.hook_post"
     series["baseline"] = run_sink_pass(ctx, layers, sink_tok, eligible=eligible,
-                                       extra_sites={**check, zsite: [sink_tok]}, desc="baseline")
+                                       extra_sites={**check, zsite: [sink_tok]}, desc="baseline", with_loss=True)
     m_before = series["baseline"].extra.pop(f"blocks.{layer}.{site}")[:, 0]
     z_sink = series["baseline"].extra.pop(zsite)[:, 0]
     Q = R = None
     dims, source, mass, cands, message, basis_space = [], "n/a", float("nan"), [], None, "n/a"
     alpha, residual_frac = None, None
+    controls: list[SinkSeries] = []
+    seeds: list[int] = []
 
     if mode == "magnitude":
         alphas: list[torch.Tensor] = []
@@ -133,7 +146,7 @@ def run_ablate_mlp_out(ctx: RunContext, layer: int, mode: str, sink_tok: int = 0
             return fn
 
         series["mlp_out_ablated"] = run_sink_pass(
-            ctx, layers, sink_tok, eligible=eligible, desc="magnitude ablation",
+            ctx, layers, sink_tok, eligible=eligible, desc="magnitude ablation", with_loss=True,
             edit=lambda state: scale_token(lm, layer, site, sink_tok, factor(state)))
         a = torch.cat(alphas) if alphas else torch.zeros(0)
         alpha = {"mean": float(a.mean()), "min": float(a.min()), "max": float(a.max()), "n": int(a.numel())} \
@@ -145,7 +158,7 @@ def run_ablate_mlp_out(ctx: RunContext, layer: int, mode: str, sink_tok: int = 0
         if dims:
             Q, basis_space = _basis(lm, layer, mm.W_down[:, dims])
             R = stats.random_orthogonal_basis(Q, Q.shape[1], seed)
-            abl = run_sink_pass(ctx, layers, sink_tok, extra_sites=check, desc="direction ablation",
+            abl = run_sink_pass(ctx, layers, sink_tok, extra_sites=check, desc="direction ablation", with_loss=True,
                                 edit=lambda state: project_out_token(lm, layer, site, sink_tok, Q))
             m_after = abl.extra.pop(f"blocks.{layer}.{site}")[:, 0]
             ok = ~torch.isnan(m_after).any(-1)
@@ -155,9 +168,13 @@ def run_ablate_mlp_out(ctx: RunContext, layer: int, mode: str, sink_tok: int = 0
             series["layer_input_ablated"] = run_sink_pass(
                 ctx, layers, sink_tok, double=True, desc="layer-input ablation",
                 edit=lambda state: _layer_input_edits(lm, layers, sink_tok, Q))
-            series["random_control"] = run_sink_pass(
-                ctx, layers, sink_tok, desc="random control",
-                edit=lambda state: project_out_token(lm, layer, site, sink_tok, R))
+            seeds = control_seeds(seed, n_controls)
+            for c, sd in enumerate(seeds):
+                Rc = R if c == 0 else stats.random_orthogonal_basis(Q, Q.shape[1], sd)
+                controls.append(run_sink_pass(
+                    ctx, layers, sink_tok, desc=f"random control {c + 1}/{n_controls}", with_loss=True,
+                    edit=lambda state, Rc=Rc: project_out_token(lm, layer, site, sink_tok, Rc)))
+            series["random_control"] = controls[0] if controls else None
     table = Table(f"[Sink attention to token {sink_tok}] ablate-mlp-out={mode} L={layer}", list(COLUMNS),
                   series_rows(layers, series))
     suffix = "_vec" + "_".join(map(str, vec_idx)) if vec_idx else ""
@@ -166,4 +183,6 @@ def run_ablate_mlp_out(ctx: RunContext, layer: int, mode: str, sink_tok: int = 0
         layers=layers, series=series, sink_table=table, chosen_dims=dims, dims_source=source, te_median_mass=mass,
         te_candidates=cands, empty_message=message, rank=0 if Q is None else Q.shape[1], seed=seed,
         vec_suffix=suffix, basis_space=basis_space, Q=Q, R=R, alpha=alpha, residual_frac=residual_frac,
-        n_measured=series["baseline"].n_prompts, notes=list(dict.fromkeys(ctx.notes)))
+        n_measured=series["baseline"].n_prompts, notes=list(dict.fromkeys(ctx.notes)),
+        n_controls=len(controls), controls=controls,
+        outcome=summarise(series, ["mlp_out_ablated", "random_control"], controls, seeds, seed))

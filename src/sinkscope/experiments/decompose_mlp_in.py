@@ -7,8 +7,10 @@ spectrum and top direction v1 (canonical sign: the entry of largest |value| is p
 projections p0 = v1.(x_t - mu_b), pb = v1.(x_ref - mu_b), with mu_b the mean of x_ref. Condition (B) as a number:
 Cohen's d and a seeded permutation p-value for p0 against pb. Then three runs measuring the sink at every later
 layer and z at L: no ablation; span(Q) removed from x_t (hook_mlp_in), Q the orthonormal basis of the v1's; and a
-seeded random subspace of the same rank, orthogonal to span(Q). The HEAD-only pre-LN pull-back stage
-(section 5.7) is not implemented.
+seeded random subspace of the same rank, orthogonal to span(Q) (seed --seed, the reference's control), then
+n_controls - 1 more such controls (effects.control_seeds) for the controls' spread. Every run also measures the
+mean next-token loss (loss.py); effects and spreads come with bootstrap CIs over prompts (effects.py). The HEAD-only
+pre-LN pull-back stage (section 5.7) is not implemented.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from ..errors import UsageError
 from ..runner import RunContext, valid_rows
 from .find_mlp_subspace import capture_mlp
 from .mlp_common import Table, ZStackRow, check_te_args, choose_dims, mlp_math, tokens_for, zstack_row
+from .effects import Outcome, check_n_controls, control_seeds, summarise
 from .sinkattn import later_layers, run_sink_pass, series_rows
 
 N_PERM = 10000
@@ -79,6 +82,9 @@ class DecomposeMLPInResult(Result):
     Q: torch.Tensor | None = field(default=None, repr=False)
     R: torch.Tensor | None = field(default=None, repr=False)
     notes: list[str] = field(default_factory=list)
+    n_controls: int = 0
+    controls: list = field(default_factory=list, repr=False)   # every random control's SinkSeries (the first: R)
+    outcome: Outcome | None = None                              # loss per run, effects with CIs, controls' spread
 
 
 def _direction(mm, X0: torch.Tensor, Xb: torch.Tensor, mu_b: torch.Tensor, j: int, seed: int) -> DirectionStats:
@@ -95,11 +101,13 @@ def _direction(mm, X0: torch.Tensor, Xb: torch.Tensor, mu_b: torch.Tensor, j: in
 
 
 def run_decompose_mlp_in(ctx: RunContext, layer: int, sink_tok: int = 0, ref_tok: int = 8, vec_idx=None,
-                         te_k: int = 3, te_mass: float = 0.55, seed: int = 19) -> DecomposeMLPInResult:
+                         te_k: int = 3, te_mass: float = 0.55, seed: int = 19,
+                         n_controls: int = 10) -> DecomposeMLPInResult:
     lm = ctx.lm
     layer = ctx.check_layer(layer)
     layers = later_layers(ctx, layer)
     check_te_args(te_k, te_mass)
+    check_n_controls(n_controls)
     tokens = tokens_for(ctx, sink_tok, ref_tok)
     n_both = sum(1 for n in ctx.prompts.lengths if n > max(sink_tok, ref_tok))
     if n_both < 2:
@@ -140,7 +148,8 @@ def run_decompose_mlp_in(ctx: RunContext, layer: int, sink_tok: int = 0, ref_tok
     for name, basis in zip(SERIES, (None, Q, R)):
         edit = None if basis is None else (
             lambda state, b=basis: project_out_token(lm, layer, "hook_mlp_in", sink_tok, b))
-        s = run_sink_pass(ctx, layers, sink_tok, edit=edit, extra_sites=extra, desc=f"decompose-mlp-in {name}")
+        s = run_sink_pass(ctx, layers, sink_tok, edit=edit, extra_sites=extra, desc=f"decompose-mlp-in {name}",
+                          with_loss=True)
         zz, xx = s.extra.pop(zsite), s.extra.pop(xsite)[:, 0]
         res.series[name] = s
         if basis is None:
@@ -153,6 +162,15 @@ def run_decompose_mlp_in(ctx: RunContext, layer: int, sink_tok: int = 0, ref_tok
                                                / x_before[ok].norm(dim=-1).clamp_min(stats.EPS)).mean())
             res.stacks.append(zstack_row(f"tok{sink_tok} ({name})", zz[:, 0]))
     res.stacks.append(ref_row)
+    seeds = control_seeds(seed, n_controls)
+    res.controls = [res.series[SERIES[2]]]
+    for c, sd in enumerate(seeds[1:], start=2):
+        Rc = stats.random_orthogonal_basis(Q, Q.shape[1], sd)
+        res.controls.append(run_sink_pass(
+            ctx, layers, sink_tok, desc=f"decompose-mlp-in random control {c}/{n_controls}", with_loss=True,
+            edit=lambda state, b=Rc: project_out_token(lm, layer, "hook_mlp_in", sink_tok, b)))
+    res.n_controls = len(res.controls)
+    res.outcome = summarise(res.series, [SERIES[1], SERIES[2]], res.controls, seeds, seed)
     res.sink_table = Table(f"[Sink attention to token {sink_tok}] decompose-mlp-in L={layer}", list(SERIES),
                       series_rows(layers, res.series))
     return res

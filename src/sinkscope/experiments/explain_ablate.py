@@ -25,6 +25,7 @@ import torch
 from .. import stats
 from ..interventions import project_out_token, scale_token
 from ..runner import RunContext
+from . import effects
 from . import explain_stats as es
 from .ablate_mlp_out import MAG_CAP, _basis
 from .sinkattn import run_sink_pass
@@ -33,10 +34,10 @@ SITE = "hook_mlp_out"
 REF_TOK = 8
 
 
-# -- METRICS PLUG-INS: the loss and the bootstrap CI of the metrics issue (issue 7) ---------------------------------
+# -- the loss and the bootstrap CIs (loss.py, stats.bootstrap_ci, effects.py) -----------------------------------------
 
 def loss_supported() -> bool:
-    """True once `run_sink_pass` can also measure the next-token loss (metrics issue: `with_loss=True`)."""
+    """True when `run_sink_pass` can also measure the next-token loss (`with_loss=True`)."""
     return "with_loss" in inspect.signature(run_sink_pass).parameters
 
 
@@ -51,23 +52,13 @@ def sink_pass(ctx: RunContext, layers, *, edit=None, eligible=None, desc: str, w
 
 
 def bootstrap_ci(values, seed: int) -> list[float]:
-    """95% bootstrap CI over prompts of a mean: stats.py's helper once it exists, else the stand-in."""
-    fn = getattr(stats, "bootstrap_ci", None)
-    if fn is not None:
-        try:
-            return [float(v) for v in fn(values, seed=seed)]
-        except TypeError:
-            pass
-    return es.bootstrap_mean_ci(values, seed)
+    """95% percentile bootstrap CI over prompts of a mean (stats.bootstrap_ci)."""
+    return stats.bootstrap_ci(values, seed=seed)
 
 
 def loss_effect(variant, baseline, seed: int) -> dict:
     """The loss change of a run against the baseline with its bootstrap CI (experiments/effects.py, paired over
-    prompts, token-weighted); empty until the metrics issue's effects module and loss exist."""
-    try:
-        from . import effects
-    except ImportError:
-        return {}
+    prompts, token-weighted); empty when the loss was not measured."""
     if variant is None or baseline is None or getattr(baseline, "loss_sum", None) is None:
         return {}
     e = effects.effect(variant, baseline, "loss", seed)
@@ -77,13 +68,9 @@ def loss_effect(variant, baseline, seed: int) -> dict:
 
 def loss_controls(series: list, baseline, seed: int) -> dict | None:
     """The controls' loss block (every value, mean, std, CI; and the same for their change), via effects.py."""
-    try:
-        from . import effects
-    except ImportError:
-        return None
     if baseline is None or getattr(baseline, "loss_sum", None) is None or not series:
         return None
-    return (effects.control_summary(series, baseline, [], seed, "random") or {}).get("loss")
+    return effects.control_summary(series, baseline, ["loss"], seed, "random").get("loss")
 
 
 # -- the edits ------------------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import torch
 from .. import stats
 
 __all__ = ["nanmedian", "nanmedian_dim", "layer_ratios", "find_runs", "BirthScan", "scan_births", "writer_shares",
-           "adaptive_k", "group_comparison", "bootstrap_mean_ci", "later_means", "relative_change"]
+           "adaptive_k", "group_comparison", "later_means", "relative_change"]
 
 
 def nanmedian(x) -> float:
@@ -170,23 +170,6 @@ def later_means(per_prompt: torch.Tensor) -> torch.Tensor:
     out = torch.full((pp.shape[0],), float("nan"), dtype=torch.float64)
     out[ok] = pp[ok].mean(-1)
     return out
-
-
-def bootstrap_mean_ci(values, seed: int, n_boot: int = 2000, level: float = 0.95) -> list[float]:
-    """Percentile bootstrap CI of the mean over prompts (seeded; NaN entries are dropped).
-
-    METRICS PLUG-IN: a stand-in used until stats.py gains the bootstrap helper of the metrics issue; explain.py
-    calls it only through `explain_ablate.bootstrap_ci`, which prefers the stats.py helper when it exists."""
-    v = np.asarray(torch.as_tensor(values, dtype=torch.float64).cpu()).reshape(-1)
-    v = v[np.isfinite(v)]
-    if v.size == 0:
-        return [float("nan"), float("nan")]
-    if v.size == 1:
-        return [float(v[0]), float(v[0])]
-    rng = np.random.default_rng(seed)
-    means = v[rng.integers(0, v.size, size=(n_boot, v.size))].mean(1)
-    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
-    return [float(lo), float(hi)]
 
 
 def relative_change(value: float, baseline: float) -> float:

@@ -3,6 +3,10 @@
 Definition, as in `--scan`: per prompt and head, the mean attention probability to key t over the queries
 q >= max(4, t + 1); then the mean over prompts per head; reported as the mean across heads, with the
 population variance across heads. Prompts with no such query are left out (and counted).
+
+With `with_loss`, the same pass also measures the mean next-token loss (loss.py: streamed over the vocabulary,
+the model runs to its last layer) over the same prompts: per prompt its NLL sum and token count, and `loss`, the
+token-weighted mean over the measured prompts.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import torch
 
 from .. import stats
 from ..capture import Capture
+from ..loss import LossTap, mean_loss
 from ..promptset import Batch
 from ..runner import QUERY_START, RunContext
 from . import scan
@@ -36,6 +41,13 @@ class SinkSeries:
     n_prompts: int                 # prompts measured
     per_prompt: torch.Tensor = field(repr=False)  # [N, n_layers] head-mean per prompt (NaN: not measured)
     extra: dict = field(default_factory=dict, repr=False)  # extra captures, prompt order, [N, ...]
+    loss_sum: torch.Tensor | None = field(default=None, repr=False)    # [N] float64 NLL sum (NaN: not measured)
+    loss_count: torch.Tensor | None = field(default=None, repr=False)  # [N] long predicted tokens (0: not measured)
+
+    @property
+    def loss(self) -> float | None:
+        """Token-weighted mean next-token NLL over the measured prompts (None when the loss was not measured)."""
+        return None if self.loss_sum is None else mean_loss(self.loss_sum, self.loss_count)
 
     def mean_over_layers(self) -> float:
         vals = [m for m in self.mean if m == m]  # layers without softmax attention (hybrid models) are NaN
@@ -50,7 +62,7 @@ def doubled(batch: Batch) -> Batch:
 
 def run_sink_pass(ctx: RunContext, layers, key: int, *, edit: Callable | None = None,
                   extra_sites: dict | None = None, eligible: torch.Tensor | None = None,
-                  double: bool = False, desc: str = "sink attention") -> SinkSeries:
+                  double: bool = False, desc: str = "sink attention", with_loss: bool = False) -> SinkSeries:
     """One pass over every prompt measuring the sink attention to `key` at `layers`.
 
     edit(state) -> context manager, opened once around the whole pass (outside the Capture, so captures see
@@ -59,7 +71,10 @@ def run_sink_pass(ctx: RunContext, layers, key: int, *, edit: Callable | None = 
     eligible: [N] bool, the prompts to measure (others are skipped).
     double: run each batch twice over in one forward and measure the second copy (see `doubled`); the edit
     sees the [2B, ...] tensors.
+    with_loss: also measure the next-token loss (`loss_sum`, `loss_count`, `loss`); not with `double`.
     """
+    if with_loss and double:
+        raise ValueError("the loss of a doubled batch is not defined (its second copy is edited at every layer)")
     lm = ctx.lm
     layers = [int(l) for l in layers]
     N = len(ctx.prompts)
@@ -70,8 +85,11 @@ def run_sink_pass(ctx: RunContext, layers, key: int, *, edit: Callable | None = 
     sites = {"attn.hook_pattern": [key], **(extra_sites or {})}
     state = SimpleNamespace(batch=None)
     measured = torch.zeros(N, dtype=torch.bool)
-    with (edit(state) if edit is not None else nullcontext()):
-        with Capture(lm, sites, layers=layers, reduce={"attn.hook_pattern": pattern_reducer([key])}) as cap:
+    loss_sum = torch.full((N,), float("nan"), dtype=torch.float64) if with_loss else None
+    loss_count = torch.zeros(N, dtype=torch.long) if with_loss else None
+    with (edit(state) if edit is not None else nullcontext()), (LossTap(lm) if with_loss else nullcontext()) as tap:
+        with Capture(lm, sites, layers=layers, reduce={"attn.hook_pattern": pattern_reducer([key])},
+                     stop_early=not with_loss) as cap:
             for batch in ctx.iterate(desc):
                 run_batch = doubled(batch) if double else batch
                 rows = slice(batch.size, 2 * batch.size) if double else slice(None)
@@ -82,6 +100,9 @@ def run_sink_pass(ctx: RunContext, layers, key: int, *, edit: Callable | None = 
                     ok = ok & eligible[batch.index]
                 idx = batch.index[ok]
                 measured[idx] = True
+                if tap is not None:
+                    ls, lc = tap.take()
+                    loss_sum[idx], loss_count[idx] = ls[ok], lc[ok]
                 for li, l in enumerate(layers):
                     if f"blocks.{l}.attn.hook_pattern" not in c:  # no softmax attention in block l: N/A
                         continue
@@ -102,7 +123,7 @@ def run_sink_pass(ctx: RunContext, layers, key: int, *, edit: Callable | None = 
         means.append(m)
         vars_.append(v)
     return SinkSeries(layers=layers, key=key, mean=means, head_var=vars_, n_prompts=int(measured.sum()),
-                      per_prompt=per_prompt, extra=extra)
+                      per_prompt=per_prompt, extra=extra, loss_sum=loss_sum, loss_count=loss_count)
 
 
 def later_layers(ctx: RunContext, layer: int) -> list[int]:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..experiments.ablate_mlp_out import AblateMLPOutResult
 from ..fmt import format_table
+from . import effects
 from .common import notes_text, progression_plot
 from .mlp_plots import columns
 
@@ -46,6 +47,7 @@ def table(result: AblateMLPOutResult) -> str:
         lines.append(f"[check] after the edit, mean ||Q^T m|| / ||m|| at tok{t} = {r.residual_frac:.2e}")
     lines.append(format_table(r.sink_table.columns, r.sink_table.rows, title=r.sink_table.title))
     lines.append(f"[counts] {r.n_measured} prompts measured (queries q >= max(4, t+1))")
+    lines.append(effects.tables(r.outcome, labels={"random_control": f"random_control (seed {r.seed})"}))
     lines.append(notes_text(r.notes))
     return "\n".join(filter(None, lines))
 
@@ -63,6 +65,7 @@ def payload(result: AblateMLPOutResult) -> dict:
         "te_median_mass": r.te_median_mass, "te_candidates": r.te_candidates, "empty_message": r.empty_message,
         "rank": r.rank, "seed": r.seed, "basis_space": r.basis_space, "Q": columns(r.Q), "R": columns(r.R),
         "alpha": r.alpha, "residual_frac": r.residual_frac, "n_measured": r.n_measured, "notes": r.notes,
+        **effects.payload(r.outcome),
     }
 
 

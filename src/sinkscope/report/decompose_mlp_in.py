@@ -10,6 +10,7 @@ import numpy as np
 
 from ..experiments.decompose_mlp_in import DecomposeMLPInResult
 from ..fmt import format_matrix, format_table
+from . import effects
 from .ablate_mlp_out import series_payload, sink_plot
 from .common import notes_text, plt, save_fig
 from .mlp_plots import columns, zstack_plot
@@ -89,6 +90,7 @@ def table(result: DecomposeMLPInResult) -> str:
                      + ", ".join(f"{k} {v:.2e}" for k, v in r.x_residual_frac.items())
                      + f" (Q rank {r.rank}; rand⊥: rank {r.rank}, seed {r.seed}, orthogonal to span(Q))")
         lines.append("[z-stack] " + ", ".join(f"{s.label}: ‖z‖≈{s.mean_norm:.4g}" for s in r.stacks))
+        lines.append(effects.tables(r.outcome, labels={"-span(rand⊥)": f"-span(rand⊥) (seed {r.seed})"}))
     lines.append(notes_text(r.notes))
     return "\n".join(filter(None, lines))
 
@@ -113,7 +115,7 @@ def payload(result: DecomposeMLPInResult) -> dict:
         "projection_table": {n: dict(zip(cols, v)) for n, v, _ in rows},
         "rank": r.rank, "seed": r.seed, "n_perm": r.n_perm, "Q": columns(r.Q), "R": columns(r.R),
         "columns": r.sink_table.columns, "table": r.sink_table.as_dict(), "series": series_payload(r.series),
-        "stacks": r.stacks, "x_residual_frac": r.x_residual_frac})
+        "stacks": r.stacks, "x_residual_frac": r.x_residual_frac, **effects.payload(r.outcome)})
     return out
 
 

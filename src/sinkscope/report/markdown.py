@@ -102,7 +102,7 @@ def causal_rows(r: ExplainResult) -> tuple[list[str], list[list]]:
     c = a.get("controls")
     if c:
         le = c.get("loss_effect") or {}
-        cl = "n/a" if not le else f"{le['delta']['mean']:+.3g} {fci(le['delta']['ci95'])}"
+        cl = "n/a" if not le else f"{le['change_mean']:+.3g} {fci(le['change_ci95'])}"
         rows.append([f"random controls (n={c['n']})", ranges(a["birth_layers"]),
                      f"{c['mean']:.3f} ± {c['std']:.2g}", f"{c['change']:+.3g}", pct(c["rel_change"]),
                      fci(c["change_ci95"]), _f(c.get("loss_mean")), cl, "-"])
