@@ -151,3 +151,26 @@ def test_scale_flags_bad_input_one_line(tmp_path):
         r = subprocess.run([sys.executable, "-m", "sinkscope", "--scan", *args, "--outdir", str(tmp_path)],
                            env=env, capture_output=True, text=True, timeout=120)
         assert r.returncode == 2 and r.stderr.startswith("sinkscope: error:") and "Traceback" not in r.stderr, r.stderr
+
+
+def test_disk_offload_gives_the_same_scan(tmp_path):
+    """--max-memory cpu=40KiB --offload-folder: a tiny model's weights all go to disk (accelerate) and the scan
+    is unchanged."""
+    import sinkscope as ss
+    from sinkscope.testing import save_tiny_model
+    model = str(save_tiny_model("llama", tmp_path / "m"))
+    kw = scale.load_kwargs(_Args(device="cpu", max_memory="cpu=40KiB", offload_folder=str(tmp_path / "off")))
+    assert kw == {"device": "cpu", "max_memory": {"cpu": "40KiB"}, "offload_folder": str(tmp_path / "off")}
+    plain = ss.load(model, dtype="fp32", device="cpu")
+    off = ss.load(model, dtype="fp32", **kw)
+    assert set(off.model.hf_device_map.values()) == {"disk"} and off.device.type == "cpu"
+    p = ss.prompts(["hello there world, this is a test of things", "another prompt here with words"])
+    a = ss.scan(plain, p, progress=False).to_dict()["records"]
+    b = ss.scan(off, p, progress=False).to_dict()["records"]
+    assert_close(a, b, "records")
+
+
+class _Args:
+    def __init__(self, device="auto", max_memory=None, offload_folder=None, gpus_per_rank=1):
+        self.device, self.max_memory, self.offload_folder, self.gpus_per_rank = (device, max_memory, offload_folder,
+                                                                                 gpus_per_rank)

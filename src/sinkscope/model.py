@@ -347,5 +347,8 @@ def wrap_model(model, tokenizer, name: str = "<in-memory>", source: str = "<in-m
     model.eval()
     model.requires_grad_(False)
     emb = model.get_input_embeddings()
+    device = emb.weight.device
+    if device.type == "meta":   # offloaded weights (--max-memory/--offload-folder): where accelerate runs them
+        device = torch.device(getattr(getattr(emb, "_hf_hook", None), "execution_device", None) or "cpu")
     return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter, name=name, source=source,
-                       dtype=next(model.parameters()).dtype, device=emb.weight.device)
+                       dtype=next(model.parameters()).dtype, device=device)

@@ -54,13 +54,12 @@ def load_kwargs(args) -> dict:
     """api.load keyword arguments for this rank: its device(s), memory limits and offload folder."""
     import torch
     mem = parse_max_memory(args.max_memory)
-    kw = dict(device=args.device, max_memory=None, offload_folder=args.offload_folder)
+    kw = dict(device=args.device, max_memory=mem, offload_folder=args.offload_folder)
     if args.device == "cpu" or not torch.cuda.is_available() or args.device.startswith("cuda:"):
-        return kw
-    gpus = distributed.rank_devices(args.gpus_per_rank) if (distributed.world_size() > 1 or args.gpus_per_rank > 1
-                                                            or mem) else None
-    if gpus is None:
-        return kw
+        return kw                                     # one device as given (a CPU with --max-memory offloads)
+    if distributed.world_size() == 1 and args.gpus_per_rank == 1:
+        return kw                                     # one process: accelerate spreads over every GPU
+    gpus = distributed.rank_devices(args.gpus_per_rank)
     torch.cuda.set_device(gpus[0])
     if len(gpus) == 1 and not mem:
         kw["device"] = f"cuda:{gpus[0]}"
@@ -68,7 +67,7 @@ def load_kwargs(args) -> dict:
     mem = mem or {}
     limits = {g: mem.get(i, f"{torch.cuda.mem_get_info(g)[0] // (1 << 20)}MiB") for i, g in enumerate(gpus)}
     limits.update({k: v for k, v in mem.items() if isinstance(k, str)})
-    kw.update(device="auto", max_memory=limits)
+    kw.update(device="auto", max_memory=limits)       # only this rank's GPUs (and CPU/disk as given)
     return kw
 
 
