@@ -70,6 +70,9 @@ class RunContext:
         """step(batch) for every batch of this rank, retrying a batch that runs out of memory as two halves."""
         for batch in self.iterate(desc):
             self._guarded(batch, step)
+        if distributed.world_size() > 1:   # a note one rank made (an out-of-memory split) reaches rank 0's report
+            for part in distributed.gather(list(self.notes)):
+                self.notes.extend(n for n in part if n not in self.notes)
 
     def _guarded(self, batch: Batch, step: Callable[[Batch], None]) -> None:
         if self.max_rows is not None and batch.size > self.max_rows:
