@@ -77,6 +77,25 @@ def test_two_ranks_equal_one_process_on_the_default_model(tmp_path):
     assert two.stdout == one.stdout                          # the tables are the same text
 
 
+def test_other_modes_two_ranks_equal_one_process(tmp_path):
+    """The remaining modes on a tiny saved model in one command line: --find-mlp-subspace (per-prompt z),
+    --decompose-mlp-in, --ablate-mlp-out magnitude (per-prompt factors) and --scan --print heatmap."""
+    from sinkscope.testing import save_tiny_model
+    model = save_tiny_model("llama", tmp_path / "tiny")
+    args = ["--model", str(model), "--decompose-mlp-in", "--ablate-mlp-out", "magnitude", "--find-mlp-subspace",
+            "--scan", "--print", "heatmap", "--heatmap-size", "16", "--layer", "1", "--max-prompts", "7",
+            "--batch-size", "2", "--no-plots", "--no-progress"]
+    one = launch(args, tmp_path / "one")
+    launch(args, tmp_path / "two", nproc=2)
+    names = {p.name for p in (tmp_path / "one").glob("*.json")}
+    assert names == {"find_mlp_subspace_L1.json", "decompose_mlp_in_L1.json", "ablate_mlp_out_magnitude_L1.json",
+                     "scan_heatmaps.json"}, names
+    for name in names:
+        assert_close(json.loads((tmp_path / "one" / name).read_text()),
+                     json.loads((tmp_path / "two" / name).read_text()), name)
+    assert "alpha mean" in one.stderr + one.stdout
+
+
 def test_explain_two_ranks_equal_one_process(tmp_path):
     """`sinkscope explain` on a tiny saved model: report.json of 2 ranks equals the single-process one."""
     from sinkscope.testing import save_tiny_model
