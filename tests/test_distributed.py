@@ -71,7 +71,10 @@ def test_two_ranks_equal_one_process_on_the_default_model(tmp_path):
         a = json.loads((tmp_path / "one" / name).read_text())
         b = json.loads((tmp_path / "two" / name).read_text())
         assert_close(a, b, name)
-    assert json.loads((tmp_path / "two" / "ablate_mlp_out_direction_L11.json").read_text())  # controls included
+    for folder, world in (("one", 1), ("two", 2)):
+        assert json.loads((tmp_path / folder / "scan.json").read_text())["provenance"]["world_size"] == world
+    ablate = json.loads((tmp_path / "two" / "ablate_mlp_out_direction_L11.json").read_text())
+    assert "random_control" in json.dumps(ablate)                                    # the controls were merged too
     for head in ("[Scan]", "[saved]", "[model]"):          # printed once: by rank 0 only
         assert (two.stdout + two.stderr).count(head) == (one.stdout + one.stderr).count(head) >= 1, head
     assert two.stdout == one.stdout                          # the tables are the same text
