@@ -26,10 +26,13 @@ MODES = ["--scan", "--decompose-output", "--ablate-mlp-out", "direction", "--lay
 FILES = {"scan.json", "decompose_output_L11.json", "ablate_mlp_out_direction_L11.json"}
 
 
-def launch(args: list[str], outdir: Path, nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
+def launch(args: list[str], outdir: Path, nproc: int = 1, timeout: int = 300,
+           entry: str | None = None) -> subprocess.CompletedProcess:
+    """sinkscope ARGS --outdir OUTDIR in 1 process or under torchrun (entry: a script instead of -m sinkscope)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": SRC, "TOKENIZERS_PARALLELISM": "false"}
     head = [sys.executable, "-m", "sinkscope"] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "sinkscope"]
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+        *([entry] if entry else ["-m", "sinkscope"])]
     res = subprocess.run(head + args + ["--outdir", str(outdir)], env=env, capture_output=True, text=True,
                          timeout=timeout)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -82,20 +85,26 @@ def test_two_ranks_equal_one_process_on_the_default_model(tmp_path):
 
 def test_other_modes_two_ranks_equal_one_process(tmp_path):
     """The remaining modes on a tiny saved model in one command line: --find-mlp-subspace (per-prompt z),
-    --decompose-mlp-in, --ablate-mlp-out magnitude (per-prompt factors) and --scan --print heatmap."""
+    --decompose-mlp-in, --ablate-mlp-out magnitude (per-prompt factors) and --scan --print heatmap; with a fake
+    out-of-memory error on rank 1 (tests/dist_oom_entry.py), which rank 0's report notes."""
     from sinkscope.testing import save_tiny_model
     model = save_tiny_model("llama", tmp_path / "tiny")
     args = ["--model", str(model), "--decompose-mlp-in", "--ablate-mlp-out", "magnitude", "--find-mlp-subspace",
             "--scan", "--print", "heatmap", "--heatmap-size", "16", "--layer", "1", "--max-prompts", "7",
             "--batch-size", "2", "--no-plots", "--no-progress"]
     one = launch(args, tmp_path / "one")
-    launch(args, tmp_path / "two", nproc=2)
+    launch(args, tmp_path / "two", nproc=2, entry=str(Path(__file__).with_name("dist_oom_entry.py")))
     names = {p.name for p in (tmp_path / "one").glob("*.json")}
     assert names == {"find_mlp_subspace_L1.json", "decompose_mlp_in_L1.json", "ablate_mlp_out_magnitude_L1.json",
                      "scan_heatmaps.json"}, names
+    oom_notes = 0
     for name in names:
-        assert_close(json.loads((tmp_path / "one" / name).read_text()),
-                     json.loads((tmp_path / "two" / name).read_text()), name)
+        a, b = (json.loads((tmp_path / f / name).read_text()) for f in ("one", "two"))
+        oom = [n for n in b["notes"] if n.startswith("out of memory at 2 prompts")]
+        oom_notes += len(oom)
+        b["notes"] = [n for n in b["notes"] if n not in oom]
+        assert_close(a, b, name)
+    assert oom_notes == 1                     # the mode that ran into it, from rank 1 into rank 0's report
     assert "alpha mean" in one.stderr + one.stdout
 
 
