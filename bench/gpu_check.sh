@@ -63,8 +63,8 @@ else
   R56=1; R512=1; RLONG=1
   T1=120; T2=120; T3=120; T4=120
   MEM_SHORT=off
-  DIST=(--shape default-width --layers 2 --device cpu --max-prompts 16 --dist-seq-len 32 --batch-size 4 --nproc 2)
-  LONGP=(--shape default-width --layers 2 --device cpu --lengths 256,512)
+  DIST=(--shape tiny-width --layers 2 --device cpu --max-prompts 16 --dist-seq-len 32 --batch-size 4 --nproc 2)
+  LONGP=(--shape tiny-width --layers 2 --device cpu --lengths 256)
   T5=120; T6=120
 fi
 

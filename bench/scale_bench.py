@@ -32,11 +32,15 @@ DEFAULT_WIDTH = dict(model_type="llama", vocab_size=49152, hidden_size=576, inte
                      num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=40960,
                      rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
 
+TINY_WIDTH = dict(DEFAULT_WIDTH, vocab_size=512, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16)   # gpu_check.sh --cpu-dry-run: checks the steps, not figures
+
 
 def _bench():
     sys.path.insert(0, str(HERE))
     import bench
     bench.SHAPES.setdefault("default-width", DEFAULT_WIDTH)
+    bench.SHAPES.setdefault("tiny-width", TINY_WIDTH)
     return bench
 
 
@@ -44,8 +48,8 @@ def build(args, seq_len=None, n_prompts=1):
     """(LoadedModel, Prompts): --shape (a random-init shape of bench.py, or default-width with --layers layers) with
     synthetic prompts, else --model with --prompt-file (bench.py's own builders)."""
     bench = _bench()
-    if args.shape == "default-width":
-        bench.SHAPES["default-width"] = dict(DEFAULT_WIDTH, num_hidden_layers=args.layers)
+    if args.shape in ("default-width", "tiny-width"):
+        bench.SHAPES[args.shape] = dict(bench.SHAPES[args.shape], num_hidden_layers=args.layers)
     ns = argparse.Namespace(model=args.model, tiny=None, shape=args.shape, config_json=None, device=args.device,
                             dtype="auto" if args.shape else "fp32", seed=0, seq_len=seq_len, n_prompts=n_prompts,
                             prompt_lengths=None, max_prompts=args.max_prompts, prompt_file=args.prompt_file)
@@ -183,7 +187,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("what", choices=("dist", "longprompt", "dist-worker", "long-worker"))
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--shape", default=None, help="a random-init shape (bench.py's SHAPES or default-width) instead "
+    p.add_argument("--shape", default=None, help="a random-init shape (bench.py's SHAPES, default-width or "
+                                                 "tiny-width) instead "
                                                  "of --model, with synthetic prompts")
     p.add_argument("--dist-seq-len", type=int, default=32, help="dist with --shape: tokens per synthetic prompt")
     p.add_argument("--prompt-file", default="prose56.txt")
