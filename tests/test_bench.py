@@ -86,5 +86,7 @@ def test_gpu_check_cpu_dry_run(tmp_path):
     assert names == ["512x32.json", "56-prompts.json", "long-256.json", "reference-128.json"], names
     summary = (out / "summary.md").read_text()
     assert "scan/floor" in summary and "CPU dry run" in summary
+    assert "scaling efficiency" in summary                                   # issue 10: steps 5 and 6 ran
+    assert summary.count("[longprompt]") == 3                                 # floor, scan, caption
     long = json.loads((out / "long-256.json").read_text())
     assert long["results"]["scan"]["memory"]["ok"] and long["results"]["floor"]["memory"]["ok"]

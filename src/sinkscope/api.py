@@ -41,9 +41,11 @@ def invoked_as(argv: list[str]):
 
 
 def load(model: str = DEFAULT_MODEL, dtype: str = "auto", device: str = "auto",
-         attn_impl: str = "auto") -> LoadedModel:
-    """Load a model: the built-in name, a hub id, a local folder or a .gguf file (see README)."""
-    return load_model(model, dtype=dtype, device=device, attn_implementation=attn_impl)
+         attn_impl: str = "auto", max_memory: dict | None = None, offload_folder: str | None = None) -> LoadedModel:
+    """Load a model: the built-in name, a hub id, a local folder or a .gguf file (see README). max_memory and
+    offload_folder: spread a large model over GPUs, CPU memory and disk (docs/scale.md)."""
+    return load_model(model, dtype=dtype, device=device, attn_implementation=attn_impl, max_memory=max_memory,
+                      offload_folder=offload_folder)
 
 
 def prompts(file_or_list=None, bos: str = "auto", shuffle_seed: int | None = None,

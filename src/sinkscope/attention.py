@@ -78,30 +78,38 @@ def _grouped(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return q.float().reshape(B, Hkv, H // Hkv, Sq, d)
 
 
+# Long prompts: the log-sum-exp runs over blocks of QUERY_CHUNK queries and, within each, key chunks of at most
+# `chunk_bytes` of fp32 logits, so no [S, S] map is ever held (at 32k tokens a head's full map is 4 GiB). The key
+# chunk length depends only on QUERY_CHUNK, never on how many queries a block has, so every query row sums the
+# same key chunks in the same order whatever the query blocking: the result is the same with or without it.
+QUERY_CHUNK = 1024
+
+
 def attention_lse(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, scaling: float,
-                  softcap: float | None = None, chunk_bytes: int = 64 << 20, causal: bool = True) -> torch.Tensor:
-    """log-sum-exp over keys of the attention logits, [B, H, Sq] fp32, accumulated over key chunks of at most
-    `chunk_bytes` of logits. With `causal`, the mask (given or implied) is taken to hide keys after the query,
-    so queries before a chunk's first key are skipped for that chunk (about half the work)."""
+                  softcap: float | None = None, chunk_bytes: int = 64 << 20, causal: bool = True,
+                  query_chunk: int | None = None) -> torch.Tensor:
+    """log-sum-exp over keys of the attention logits, [B, H, Sq] fp32, over blocks of `query_chunk` queries (None:
+    QUERY_CHUNK) and key chunks of at most `chunk_bytes` of logits per QUERY_CHUNK queries. With `causal`, the
+    mask (given or implied) is taken to hide keys after the query, so a block skips the key chunks after its last
+    query and, in each chunk, the queries before its first key (about half the work)."""
     B, H, Sq, d = q.shape
     Sk = k.shape[2]
     qf = _grouped(q, k)
     kf = k.float()
     off = Sk - Sq  # queries are the last Sq positions
-    step = max(16, int(chunk_bytes // max(1, B * H * Sq * 4)))
+    step = max(16, int(chunk_bytes // max(1, B * H * QUERY_CHUNK * 4)))
     lse = torch.full((B, H, Sq), float("-inf"), device=q.device)
-    for j0 in range(0, Sk, step):
-        j1 = min(Sk, j0 + step)
-        q0 = min(Sq, max(0, j0 - off)) if causal else 0
-        if q0 >= Sq:
-            break
-        s = scores(qf[:, :, :, q0:], kf[:, :, j0:j1], H, scaling, softcap)
-        s = s + key_mask(mask, Sq, j0, j1, q.device, q0)
-        part = torch.logsumexp(s, dim=-1)
-        if j0 == 0 and q0 == 0:
-            lse = part
-        else:
-            lse[..., q0:] = torch.logaddexp(lse[..., q0:], part)
+    qstep = max(1, int(QUERY_CHUNK if query_chunk is None else query_chunk))
+    for qa in range(0, Sq, qstep):
+        qb = min(Sq, qa + qstep)
+        for j0 in range(0, Sk, step):
+            j1 = min(Sk, j0 + step)
+            q0 = min(qb, max(qa, j0 - off)) if causal else qa
+            if q0 >= qb:
+                break
+            s = scores(qf[:, :, :, q0:qb], kf[:, :, j0:j1], H, scaling, softcap)
+            s = s + key_mask(mask, qb, j0, j1, q.device, q0)
+            lse[..., q0:qb] = torch.logaddexp(lse[..., q0:qb], torch.logsumexp(s, dim=-1))
     return lse
 
 
@@ -158,15 +166,17 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None,
 
 def probs_from_logits(logits: torch.Tensor, cols: Sequence[int] | None = None) -> torch.Tensor:
     """Probabilities from the full logits a model fed to its softmax ([B, H, Sq, Sk], mask included), in fp32;
-    cols: only those key columns (NaN beyond Sk)."""
-    p = torch.softmax(logits.float(), dim=-1)
+    cols: only those key columns (NaN beyond Sk), computed QUERY_CHUNK query rows at a time (no fp32 copy of the
+    whole map)."""
     if cols is None:
-        return p
-    Sk = p.shape[-1]
-    out = torch.full((*p.shape[:-1], len(cols)), float("nan"), device=p.device)
-    for i, c in enumerate(cols):
-        if c < Sk:
-            out[..., i] = p[..., c]
+        return torch.softmax(logits.float(), dim=-1)
+    Sq, Sk = logits.shape[-2:]
+    out = torch.full((*logits.shape[:-1], len(cols)), float("nan"), device=logits.device)
+    for qa in range(0, Sq, QUERY_CHUNK):
+        p = torch.softmax(logits[..., qa:qa + QUERY_CHUNK, :].float(), dim=-1)
+        for i, c in enumerate(cols):
+            if c < Sk:
+                out[..., qa:qa + QUERY_CHUNK, i] = p[..., c]
     return out
 
 

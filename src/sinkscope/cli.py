@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--outdir", default="results", help="folder for JSON and PNG outputs")
     o.add_argument("--no-plots", action="store_true", help="write JSON only")
     o.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    from . import scale
+    scale.add_flags(p)                                # --gpus-per-rank, --max-memory, --offload-folder
     return p
 
 
@@ -142,13 +144,14 @@ def check_run_args(args) -> None:
 
 
 def run(args, argv: list[str]) -> int:
-    from . import api, checks
+    from . import api, checks, distributed, scale
     from .arch import text_config
     from .model import read_config
 
     modes = chosen_modes(args)
     params = {m: mode_params(m, args) for m in modes}
     check_run_args(args)
+    scale.check_flags(args)
     for m in modes:                                   # milliseconds: before any file or model is read
         checks.check_params(m, params[m])
     outdir = checks.check_outdir(args.outdir)
@@ -161,7 +164,7 @@ def run(args, argv: list[str]) -> int:
     t0 = time.time()
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # the weight-loading bar is noise here; our own bars stay
-    lm = api.load(args.model, dtype=args.dtype, device=args.device, attn_impl=args.attn_impl)
+    lm = api.load(args.model, dtype=args.dtype, attn_impl=args.attn_impl, **scale.load_kwargs(args))
     print(f"[model] {args.model} ({lm.adapter.model_type}, {lm.n_layers} layers, {lm.dtype}, {lm.device}, "
           f"attention {lm.attn_implementation}) loaded in {time.time() - t0:.1f}s from {lm.source}", file=sys.stderr)
     prompts = api.tokenized(lm, prompt_set, truncate=args.truncate)
@@ -171,6 +174,8 @@ def run(args, argv: list[str]) -> int:
             result = getattr(api, m)(lm, prompts, batch_size=args.batch_size, progress=not args.no_progress,
                                      **params[m])
             print(result.table(), flush=True)
+            if not distributed.is_main():             # data-parallel runs: rank 0 alone writes files
+                continue
             paths = result.save(outdir, plots=not args.no_plots)
             print("[saved] " + ", ".join(str(p) for p in paths), file=sys.stderr, flush=True)
     return 0
@@ -188,8 +193,10 @@ def main(argv=None) -> int:
                      "--decompose-mlp-in (or --ablate-router)")
     from .report.common import WRITTEN
     start = len(WRITTEN)
+    from .scale import ranks
     try:
-        return run(args, argv)
+        with ranks(args):                             # torchrun: torch.distributed for the whole run
+            return run(args, argv)
     except UsageError as err:
         print(f"sinkscope: error: {err}", file=sys.stderr)
         return 2

@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     o = p.add_argument_group("output")
     o.add_argument("--outdir", default="results", help="the report goes to OUTDIR/explain/")
     o.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    from . import scale
+    scale.add_flags(p)                                # --gpus-per-rank, --max-memory, --offload-folder
     return p
 
 
@@ -109,8 +111,9 @@ def _check_layers(name: str) -> None:
 
 
 def run(args, argv: list[str]) -> int:
-    from . import api, checks
+    from . import api, checks, distributed, scale
     models, th = check_args(args)
+    scale.check_flags(args)
     outdir = checks.check_outdir(args.outdir)
     prompt_set = api.prompts(args.prompt_file, bos=args.bos, max_prompts=args.max_prompts)
     for name in models:                         # configs only: a bad model fails before any weights load
@@ -121,7 +124,7 @@ def run(args, argv: list[str]) -> int:
     with api.invoked_as(["explain", *argv]):
         for name in models:
             t0 = time.time()
-            lm = api.load(name, dtype=args.dtype, device=args.device, attn_impl=args.attn_impl)
+            lm = api.load(name, dtype=args.dtype, attn_impl=args.attn_impl, **scale.load_kwargs(args))
             print(f"[model] {name} ({lm.adapter.model_type}, {lm.n_layers} layers, {lm.dtype}, {lm.device}) loaded "
                   f"in {time.time() - t0:.1f}s from {lm.source}", file=sys.stderr, flush=True)
             t0 = time.time()
@@ -135,6 +138,8 @@ def run(args, argv: list[str]) -> int:
             gc.collect()
         final = results[0] if len(results) == 1 else api.explain_compare(results)
     print(final.table(), flush=True)
+    if not distributed.is_main():                     # data-parallel runs: rank 0 alone writes files
+        return 0
     paths = final.save(outdir)
     print("[saved] " + ", ".join(str(p) for p in paths), file=sys.stderr, flush=True)
     return 0
@@ -149,7 +154,9 @@ def main(argv=None) -> int:
             build_parser().print_help()
             return 0
         args = build_parser().parse_args(argv)
-        return run(args, argv)
+        from .scale import ranks
+        with ranks(args):                             # torchrun: torch.distributed for the whole run
+            return run(args, argv)
     except UsageError as err:
         print(f"sinkscope: error: {err}", file=sys.stderr)
         return 2

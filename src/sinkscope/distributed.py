@@ -153,3 +153,31 @@ def merge_prompt_arrays(arrays: dict[str, torch.Tensor], owned: torch.Tensor,
             t = torch.full(shape, fill, dtype=getattr(torch, dtype.replace("torch.", "")))
         out[name] = merge_rows(t, owned)
     return out
+
+
+def all_min_int(value: int) -> int:
+    """The smallest `value` over ranks (e.g. a batch size every rank must share)."""
+    return int(-all_max(torch.tensor([-int(value)], dtype=torch.int64))[0])
+
+
+def merge_mean_vars(accs: Sequence) -> list:
+    """stats.MeanVar accumulators (the same list on every rank) merged over ranks with Chan's parallel algorithm,
+    in rank order (float64). The identity in a single process."""
+    if _dist() is None:
+        return list(accs)
+    from .stats import MeanVar
+    states = gather([(a._n, a._mean, a._m2) for a in accs])   # (count, mean, M2): MeanVar's own state
+    out = []
+    for i, a in enumerate(accs):
+        m = MeanVar(a.shape)
+        for part in states:
+            n_b, mean_b, m2_b = part[i]
+            if not n_b:
+                continue
+            n = m._n + n_b
+            delta = mean_b - m._mean
+            m._mean = m._mean + delta * (n_b / n)
+            m._m2 = m._m2 + m2_b + delta ** 2 * (m._n * n_b / n)
+            m._n = n
+        out.append(m)
+    return out

@@ -280,11 +280,14 @@ def choose_attn_implementation(config, requested: str = "auto") -> str:
 
 
 def load_model(name: str = DEFAULT_MODEL, dtype: str = "auto", device: str = "auto",
-               attn_implementation: str = "auto") -> LoadedModel:
+               attn_implementation: str = "auto", max_memory: dict | None = None,
+               offload_folder: str | None = None) -> LoadedModel:
     """Load a causal LM with its tokenizer and adapter row; eval mode, gradients off.
 
     attn_implementation "auto" (the default) runs SDPA where the model class supports it and eager attention
-    otherwise; `LoadedModel.attn_implementation` says which one runs. Every failure while loading (config,
+    otherwise; `LoadedModel.attn_implementation` says which one runs. max_memory ({0: "20GiB", "cpu": "64GiB"})
+    and offload_folder spread the model with accelerate's device_map="auto" within those limits, offloading the
+    rest to CPU memory and then to disk (scale.py). Every failure while loading (config,
     weights, tokenizer) is a one-line ModelLoadError naming the model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -295,8 +298,10 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str = "auto", device: str = "au
     adapter = get_adapter(config)  # fail fast, before loading weights
     impl = choose_attn_implementation(config, attn_implementation)
     kwargs = dict(dtype=torch_dtype, attn_implementation=impl, local_files_only=local_only)
-    if dev == "auto":
+    if dev == "auto" or max_memory:
         kwargs["device_map"] = "auto"  # accelerate spreads a model larger than one GPU over all of them
+        kwargs.update({k: v for k, v in (("max_memory", max_memory), ("offload_folder", offload_folder)) if v})
+        dev = "auto"
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except ValueError as err:
@@ -342,5 +347,8 @@ def wrap_model(model, tokenizer, name: str = "<in-memory>", source: str = "<in-m
     model.eval()
     model.requires_grad_(False)
     emb = model.get_input_embeddings()
+    device = emb.weight.device
+    if device.type == "meta":   # offloaded weights (--max-memory/--offload-folder): where accelerate runs them
+        device = torch.device(getattr(getattr(emb, "_hf_hook", None), "execution_device", None) or "cpu")
     return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter, name=name, source=source,
-                       dtype=next(model.parameters()).dtype, device=emb.weight.device)
+                       dtype=next(model.parameters()).dtype, device=device)

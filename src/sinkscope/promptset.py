@@ -232,9 +232,26 @@ def make_batches(prompts: Prompts, batch_size: int, pad_id: int = 0, bucket: boo
     return batches
 
 
+# --batch-size auto: bytes per token of one sequence that a forward pass with capture holds at its peak layer
+ACT_WIDTHS_PER_TOKEN = 16      # model-dtype activations of width D alive at once (residual, q/k/v, MLP up/gate/act)
+CAPTURE_WIDTHS_PER_TOKEN = 8   # fp32 copies of width D the hooks keep (residual sites, reductions)
+SCORE_COPIES = 2               # fp32 [H, S, S] score + probability buffers of an eager attention layer
+FREE_MEMORY_SHARE = 0.25       # use at most this share of the free memory (4x headroom for the allocator)
+MAX_AUTO_BATCH = 256
+
+
 def auto_batch_size(n_layers: int, hidden: int, n_heads: int, max_len: int, dtype_bytes: int,
                     device: torch.device, vocab: int = 0) -> int:
-    """Pick a batch size from free memory: a rough per-sequence activation estimate with 4x headroom."""
+    """The largest batch that fits, from the free memory of `device` (after the weights are loaded):
+
+        per_seq = S * D * (ACT_WIDTHS_PER_TOKEN * dtype_bytes + CAPTURE_WIDTHS_PER_TOKEN * 4)
+                  + H * S * S * 4 * SCORE_COPIES
+        batch   = clamp(FREE_MEMORY_SHARE * free // per_seq, 1, MAX_AUTO_BATCH)
+
+    with S the longest prompt, D the hidden size and H the heads. Activations are freed layer by layer (no
+    gradients), so the layer count does not enter. The score term bounds eager attention; SDPA and the chunked
+    sink recomputation (attention.QUERY_CHUNK) need less, so the estimate errs on the safe side. An error
+    left over is caught by RunContext.for_each (the batch is halved and retried)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
     else:
@@ -243,9 +260,9 @@ def auto_batch_size(n_layers: int, hidden: int, n_heads: int, max_len: int, dtyp
             free = psutil.virtual_memory().available
         except ImportError:
             free = _linux_available_bytes()
-    per_seq = max_len * (hidden * 16 * dtype_bytes + n_heads * max_len * 4 * 2) + max_len * hidden * 4 * 8
-    budget = free * 0.25
-    return int(max(1, min(256, budget // max(per_seq, 1))))
+    per_seq = (max_len * hidden * (ACT_WIDTHS_PER_TOKEN * dtype_bytes + CAPTURE_WIDTHS_PER_TOKEN * 4)
+               + n_heads * max_len * max_len * 4 * SCORE_COPIES)
+    return int(max(1, min(MAX_AUTO_BATCH, FREE_MEMORY_SHARE * free // max(per_seq, 1))))
 
 
 def padded_tokens(lengths: list[int], batch_size: int) -> int:

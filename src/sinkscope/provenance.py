@@ -73,7 +73,13 @@ def provenance(lm, prompts, mode: str, params: dict, argv: list[str] | None = No
         "command": None if argv is None else " ".join(shlex.quote(a) for a in ["sinkscope", *argv]),
         "model": model_info(lm), "prompts": prompts_info(prompts), "seed": params.get("seed"),
         "versions": versions(), "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "world_size": _world_size(),     # data-parallel processes (torchrun); 1 in a single process
     }
+
+
+def _world_size() -> int:
+    from . import distributed
+    return distributed.world_size()
 
 
 __all__ = ["fingerprint", "provenance", "model_info", "prompts_info", "versions"]

@@ -41,7 +41,10 @@ class RunContext:
                 self.lm.n_layers, cfg.hidden_size, getattr(cfg, "num_attention_heads", 1),
                 max(self.prompts.lengths), torch.finfo(self.lm.dtype).bits // 8, self.lm.device)
             # within the memory cap, no more padding than ~20% of the real tokens (and <= 16 on a CPU)
-            self.batch_size = choose_batch_size(self.prompts.lengths, cap, self.lm.device)
+            # every rank must cut the same batches: the smallest choice over ranks (free memory differs)
+            self.batch_size = distributed.all_min_int(choose_batch_size(self.prompts.lengths, cap, self.lm.device))
+            self.notes.append(f"--batch-size auto: {self.batch_size} prompts per batch (device {self.lm.device}, "
+                              f"memory cap {cap}, longest prompt {max(self.prompts.lengths)} tokens)")
         self.batch_size = int(self.batch_size)
         if self.batch_size < 1:
             raise UsageError(f"--batch-size must be >= 1 or auto, not {self.batch_size}")
@@ -67,6 +70,9 @@ class RunContext:
         """step(batch) for every batch of this rank, retrying a batch that runs out of memory as two halves."""
         for batch in self.iterate(desc):
             self._guarded(batch, step)
+        if distributed.world_size() > 1:   # a note one rank made (an out-of-memory split) reaches rank 0's report
+            for part in distributed.gather(list(self.notes)):
+                self.notes.extend(n for n in part if n not in self.notes)
 
     def _guarded(self, batch: Batch, step: Callable[[Batch], None]) -> None:
         if self.max_rows is not None and batch.size > self.max_rows:

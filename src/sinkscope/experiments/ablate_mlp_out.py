@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..result import Result
-from .. import stats
+from .. import distributed, stats
 from ..arch import get_module
 from ..interventions import edit_sites, project_out_token, scale_token
 from ..runner import RunContext
@@ -132,7 +132,7 @@ def run_ablate_mlp_out(ctx: RunContext, layer: int, mode: str, sink_tok: int = 0
     seeds: list[int] = []
 
     if mode == "magnitude":
-        alphas: list[torch.Tensor] = []
+        alphas = torch.full((len(ctx.prompts),), float("nan"))   # per prompt: a retried batch overwrites it
 
         def factor(state):
             def fn(full: torch.Tensor) -> torch.Tensor:
@@ -141,14 +141,16 @@ def run_ablate_mlp_out(ctx: RunContext, layer: int, mode: str, sink_tok: int = 0
                 mr = full[:, min(ref_tok, full.shape[1] - 1)].norm(dim=-1)
                 a = (mr / m0.clamp_min(stats.EPS)).clamp(max=MAG_CAP)
                 a = torch.where(lens > ref_tok, a, torch.ones_like(a))  # no reference token: left as is
-                alphas.append(a[lens > max(ref_tok, sink_tok)].cpu())
+                keep = (lens > max(ref_tok, sink_tok)).cpu()
+                alphas[state.batch.index[keep]] = a.detach().float().cpu()[keep]
                 return a
             return fn
 
         series["mlp_out_ablated"] = run_sink_pass(
             ctx, layers, sink_tok, eligible=eligible, desc="magnitude ablation", with_loss=True,
             edit=lambda state: scale_token(lm, layer, site, sink_tok, factor(state)))
-        a = torch.cat(alphas) if alphas else torch.zeros(0)
+        a = distributed.merge_rows(alphas, ctx.owned)             # data-parallel runs: every rank's prompts
+        a = a[~torch.isnan(a)]
         alpha = {"mean": float(a.mean()), "min": float(a.min()), "max": float(a.max()), "n": int(a.numel())} \
             if a.numel() else None
     else:

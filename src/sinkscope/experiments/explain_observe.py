@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import stats
+from .. import distributed, stats
 from ..arch import down_weight, get_module
 from ..capture import Capture
 from ..hooks import site_available
@@ -159,7 +159,26 @@ def observe(ctx: RunContext, positions: torch.Tensor, labels: list[str], xz_laye
 
     with Capture(lm, sites, reduce=reduce) as cap:
         ctx.for_each(desc, step)            # a batch that runs out of memory is split and retried
+    _merge_ranks(ctx, obs, xz_layers)
     if full:
+        head_acc = distributed.merge_mean_vars(head_acc)
+        check = distributed.all_max(torch.tensor(check, dtype=torch.float64)).tolist()
         obs.sink_heads = [acc.mean().tolist() for acc in head_acc]
         obs.head_check = [float("nan") if post_norm or l not in att else e for l, e in enumerate(check)]
     return obs
+
+
+PROMPT_ARRAYS = ("norms", "dot_am", "sink", "head_share", "head_norm")   # Observation's [N, ...] fields
+
+
+def _merge_ranks(ctx: RunContext, obs: Observation, xz_layers) -> None:
+    """Data-parallel runs: every per-prompt array from the rank that ran the prompt (identity in one process)."""
+    arrays = {k: getattr(obs, k) for k in PROMPT_ARRAYS if getattr(obs, k) is not None}
+    for l in xz_layers:
+        arrays.update({f"x.{l}": obs.x[l], f"z0.{l}": obs.z0[l]} if obs.x[l] is not None else {})
+    for k, v in distributed.merge_prompt_arrays(arrays, ctx.owned).items():
+        if "." in k:
+            name, l = k.split(".")
+            getattr(obs, name)[int(l)] = v
+        else:
+            setattr(obs, k, v)

@@ -127,10 +127,11 @@ def _gate_reducer(gate: torch.Tensor, batch) -> torch.Tensor:
 
 
 def _heatmap_reducer(head: int, size: int):
-    """hook_pattern [B, H, S, S] -> [M, M]: the sum over the batch of head `head`'s map, cropped or zero-padded to
-    M = size, counting only the cells (query, key) that a prompt has (both below its length)."""
+    """hook_pattern [B, H, S, K] (key columns 0..K-1) -> [M, M]: the sum over the batch of head `head`'s map,
+    cropped or zero-padded to M = size, counting only the cells (query, key) that a prompt has (both below its
+    length)."""
     def reduce(p: torch.Tensor, batch) -> torch.Tensor:
-        m = min(size, p.shape[-1])
+        m = min(size, p.shape[2], p.shape[3])
         lens = batch.lengths.to(p.device).view(-1, 1, 1)
         pos = torch.arange(m, device=p.device)
         has = (pos.view(1, -1, 1) < lens) & (pos.view(1, 1, -1) < lens)                 # [B, m, m]
@@ -273,7 +274,8 @@ def _run_heatmaps(ctx: RunContext, layers: list[int], H: int, head: int, size: i
         c = cap.forward(batch)
         sums.add_(torch.stack([c[f"blocks.{l}.attn.hook_pattern"].cpu() for l in attn]))
 
-    with Capture(ctx.lm, {"attn.hook_pattern": None}, layers=attn,
+    # key columns 0..M-1 only: the probabilities are recomputed for those columns, never as a full [S, S] map
+    with Capture(ctx.lm, {"attn.hook_pattern": list(range(M))}, layers=attn,
                  reduce={"attn.hook_pattern": _heatmap_reducer(head, M)}) as cap:
         ctx.for_each("scan heatmaps", step)
     heat = dict(zip(attn, distributed.all_sum(sums)))        # data-parallel runs: every rank's prompts

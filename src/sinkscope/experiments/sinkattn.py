@@ -12,13 +12,13 @@ token-weighted mean over the measured prompts.
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from types import SimpleNamespace
 from typing import Callable
 
 import torch
 
-from .. import stats
+from .. import distributed, stats
 from ..capture import Capture
 from ..loss import LossTap, mean_loss
 from ..promptset import Batch
@@ -90,7 +90,7 @@ def run_sink_pass(ctx: RunContext, layers, key: int, *, edit: Callable | None = 
     with (edit(state) if edit is not None else nullcontext()), (LossTap(lm) if with_loss else nullcontext()) as tap:
         with Capture(lm, sites, layers=layers, reduce={"attn.hook_pattern": pattern_reducer([key])},
                      stop_early=not with_loss) as cap:
-            for batch in ctx.iterate(desc):
+            def step(batch: Batch) -> None:     # accumulates only after its forward succeeded (OOM retry)
                 run_batch = doubled(batch) if double else batch
                 rows = slice(batch.size, 2 * batch.size) if double else slice(None)
                 state.batch = run_batch
@@ -114,6 +114,9 @@ def run_sink_pass(ctx: RunContext, layers, key: int, *, edit: Callable | None = 
                     if name not in extra:
                         extra[name] = torch.full((N,) + tuple(v.shape[1:]), float("nan"))
                     extra[name][batch.index] = v
+            ctx.for_each(desc, step)
+    acc = dict(zip(layers, distributed.merge_mean_vars([acc[l] for l in layers])))   # data-parallel: all ranks
+    measured = distributed.merge_rows(measured.long(), ctx.owned).bool()
     means, vars_ = [], []
     for l in layers:
         if acc[l].n:
@@ -122,8 +125,24 @@ def run_sink_pass(ctx: RunContext, layers, key: int, *, edit: Callable | None = 
             m, v = float("nan"), float("nan")
         means.append(m)
         vars_.append(v)
-    return SinkSeries(layers=layers, key=key, mean=means, head_var=vars_, n_prompts=int(measured.sum()),
-                      per_prompt=per_prompt, extra=extra, loss_sum=loss_sum, loss_count=loss_count)
+    return merged_across_ranks(ctx, SinkSeries(layers=layers, key=key, mean=means, head_var=vars_,
+                                               n_prompts=int(measured.sum()), per_prompt=per_prompt, extra=extra,
+                                               loss_sum=loss_sum, loss_count=loss_count))
+
+
+def merged_across_ranks(ctx: RunContext, series: SinkSeries) -> SinkSeries:
+    """Data-parallel runs: every per-prompt tensor [N, ...] of the series (its fields and `extra`) taken from the
+    rank that owns the prompt (distributed.merge_prompt_arrays; the identity in a single process)."""
+    N = len(ctx.prompts)
+    arrays = {f.name: getattr(series, f.name) for f in fields(series)}
+    arrays = {k: v for k, v in arrays.items() if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == N}
+    arrays.update({"extra." + k: v for k, v in series.extra.items()})
+    for k, v in distributed.merge_prompt_arrays(arrays, ctx.owned).items():
+        if k.startswith("extra."):
+            series.extra[k[len("extra."):]] = v
+        else:
+            setattr(series, k, v)
+    return series
 
 
 def later_layers(ctx: RunContext, layer: int) -> list[int]:
