@@ -18,6 +18,7 @@ from .errors import UsageError
 
 # The modes, in the reference's dispatch order (MODES.md section 0). Every mode given on one command line runs.
 MODE_ORDER = ("decompose_mlp_in", "ablate_mlp_out", "scan", "find_mlp_subspace", "decompose_output")
+MODE_ORDER += ("metrics", "ablate_super_weight")  # the literature metrics (issue 7)
 
 
 def _int_or_auto(s: str):
@@ -37,6 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="ablate token 0's MLP output at --layer and measure later sink attention")
     modes.add_argument("--decompose-mlp-in", action="store_true",
                        help="which MLP-input directions drive the top z dims (gradients, causal test)")
+
+    # -- literature metrics (issue 7) --
+    lit = p.add_argument_group("literature metrics")
+    lit.add_argument("--metrics", action="store_true", help="Gu/Sun/Yu/Guo et al.'s sink metrics in one pass")
+    lit.add_argument("--epsilon", type=float, default=0.3, help="--metrics: Gu et al.'s threshold on alpha")
+    lit.add_argument("--metric-len", type=int, default=None, help="--metrics: cut prompts to T tokens (paper: 64)")
+    lit.add_argument("--ablate-super-weight", action="store_true",
+                     help="zero Yu et al.'s super weight; measure massive activation, later sink attention, loss")
 
     m = p.add_argument_group("model")
     m.add_argument("--model", default="smollm2-135m",
@@ -105,6 +114,10 @@ def mode_params(mode: str, a) -> dict:
         return dict(mode=a.ablate_mlp_out, seed=a.seed, **mlp)
     if mode == "decompose_mlp_in":
         return dict(seed=a.seed, **mlp)
+    if mode == "metrics":
+        return dict(epsilon=a.epsilon, metric_len=a.metric_len)
+    if mode == "ablate_super_weight":
+        return dict(seed=a.seed)
     raise ValueError(mode)
 
 
@@ -173,8 +186,8 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not chosen_modes(args):
-        parser.error("choose a mode: --scan, --decompose-output, --find-mlp-subspace, --ablate-mlp-out or "
-                     "--decompose-mlp-in")
+        parser.error("choose a mode: --scan, --decompose-output, --find-mlp-subspace, --ablate-mlp-out, "
+                     "--decompose-mlp-in, --metrics or --ablate-super-weight")
     from .report.common import WRITTEN
     start = len(WRITTEN)
     try:

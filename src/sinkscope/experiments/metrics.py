@@ -13,7 +13,7 @@ sums and maxima. Blocks without softmax attention (hybrid models) have N/A atten
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -40,11 +40,12 @@ class MetricsResult(Result):
     gu_alpha: list                      # [layer][head] mean over prompts of alpha_1 (None: no softmax attention)
     gu_sink_rate: list                  # [layer] Sink_1^eps (None: no softmax attention)
     gu_sink_rate_model: float | None
-    massive: list                       # {layer, position, dim, value, token, count}
+    massive: list                       # {layer, position, dim, value (mean), max_abs, token (commonest), n_tokens,
+    #                                     count (prompts)}
     massive_median: list                # [layer] mean over prompts of each prompt's median |h|
     massive_first_layer: int | None
     massive_dims: list[int]
-    massive_positions: list             # {position, token, count}: prompts with a massive activation there
+    massive_positions: list             # {position, token, n_tokens, count}: prompts massive there (any layer)
     top3: list                          # [layer] [{rank, mean_abs, position, dim, token, share}]
     z_max: list                         # [layer] max |down-projection input| (None: no dense MLP)
     out_max: list                       # [layer] max |down-projection output|
@@ -160,8 +161,8 @@ class _Acc:
         self.median, self.top_v = z(L), z(L, lit.SUN_TOP_K)
         self.top_loc = [[defaultdict(int) for _ in range(lit.SUN_TOP_K)] for _ in range(L)]
         self.top_tok = [{} for _ in range(L)]  # (position, dim) -> the token text where first seen
-        self.massive = {}                      # (layer, position, dim, token) -> [count, value (max |.|, signed)]
-        self.massive_pos = defaultdict(set)    # (position, token) -> prompt ids
+        self.massive = {}                      # (layer, position, dim) -> [count, sum, max |.|, Counter of tokens]
+        self.massive_pos = {}                  # position -> [prompt ids, Counter of tokens]
         self.secondary = {}                    # (position, token) -> [count, max_alpha, massive_count]
 
     def add_attention(self, l, alpha, v, ps):
@@ -187,11 +188,15 @@ class _Acc:
                 if loc not in self.top_tok[l]:
                     self.top_tok[l][loc] = text(b, loc[0])
         for (b, s, d), v in zip(r["hits"].tolist(), r["hit_vals"].tolist()):
-            key = (l, s, d, text(b, s))
-            e = self.massive.setdefault(key, [0, 0.0])
+            e = self.massive.setdefault((l, s, d), [0, 0.0, 0.0, Counter()])
             e[0] += 1
-            e[1] = v if abs(v) > abs(e[1]) else e[1]
-            self.massive_pos[(s, text(b, s))].add(int(batch.index[b]))
+            e[1] += v
+            e[2] = max(e[2], abs(v))
+            e[3][text(b, s)] += 1
+            p = self.massive_pos.setdefault(s, [set(), Counter()])
+            if int(batch.index[b]) not in p[0]:
+                p[0].add(int(batch.index[b]))
+                p[1][text(b, s)] += 1
 
     def add_secondary(self, per_prompt: dict, text):
         """per_prompt: {(row, position): [max_alpha or None, massive]} for one batch."""
@@ -259,9 +264,9 @@ def _result(lm, ctx, acc, yu, eps, metric_len, attn, learned, notes) -> MetricsR
     L, H, N = lm.n_layers, lm.config.num_attention_heads, max(acc.n, 1)
     per = lambda t, l: [float(x) for x in t[l] / N] if l in attn else None  # noqa: E731
     rates = [float(acc.rate[l] / N) if l in attn else None for l in range(L)]
-    massive = sorted(({"layer": l, "position": s, "dim": d, "value": v, "token": t, "count": c}
-                      for (l, s, d, t), (c, v) in acc.massive.items()), key=lambda m: (m["layer"], m["position"],
-                                                                                     m["dim"], m["token"]))
+    massive = [{"layer": l, "position": s, "dim": d, "value": tot / c, "max_abs": mx,
+                "token": toks.most_common(1)[0][0], "n_tokens": len(toks), "count": c}
+               for (l, s, d), (c, tot, mx, toks) in sorted(acc.massive.items())]
     top3 = []
     for l in range(L):
         row = []
@@ -282,8 +287,8 @@ def _result(lm, ctx, acc, yu, eps, metric_len, attn, learned, notes) -> MetricsR
         massive=massive, massive_median=[float(acc.median[l] / N) for l in range(L)],
         massive_first_layer=min((m["layer"] for m in massive), default=None),
         massive_dims=sorted({m["dim"] for m in massive}),
-        massive_positions=sorted(({"position": s, "token": t, "count": len(ps)}
-                                  for (s, t), ps in acc.massive_pos.items()), key=lambda x: (x["position"], -x["count"])),
+        massive_positions=[{"position": s, "token": toks.most_common(1)[0][0], "n_tokens": len(toks),
+                            "count": len(ids)} for s, (ids, toks) in sorted(acc.massive_pos.items())],
         top3=top3, z_max=yu["z_max"], out_max=yu["out_max"], z_argmax=yu["z_argmax"], out_argmax=yu["out_argmax"],
         spike_layers=yu["spike_layers"], super_weight=yu["super_weight"],
         value_norm0=[per(acc.v0, l) for l in range(L)], value_norm_rest=vrest,

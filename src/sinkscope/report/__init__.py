@@ -42,6 +42,9 @@ def _load_builtin() -> None:
     from . import ablate_mlp_out, decompose_mlp_in, decompose_output, find_mlp_subspace, scan
     for mod in (scan, decompose_output, find_mlp_subspace, ablate_mlp_out, decompose_mlp_in):
         register(mod)
+    from . import metrics, super_weight
+    register(metrics)
+    register(super_weight)
     from . import explain
     register(explain)
     register(explain.COMPARISON)
