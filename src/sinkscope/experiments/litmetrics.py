@@ -62,13 +62,13 @@ _MEDIAN_SAMPLE = 1024     # median_abs: a strided sample of about this many valu
 def _median_1d(x: torch.Tensor) -> torch.Tensor:
     """The exact median of a 1-D tensor (mean of the two middle values for an even count). A strided sample
     brackets the middle ranks, so only the values inside the bracket are sorted; if the bracket misses, the
-    whole tensor is searched (same result, slower)."""
+    whole tensor is searched by selection (same result, slower)."""
     n = x.numel()
     k1, k2 = (n + 1) // 2, n // 2 + 1                                          # 1-based middle ranks
-    sample = x[::max(1, n // _MEDIAN_SAMPLE)]
-    m = sample.numel()
     if n > 4 * _MEDIAN_SAMPLE:
-        half = 1.5 * m ** 0.5                                               # ~3 sd of the sample median rank
+        sample = x[::n // _MEDIAN_SAMPLE]
+        m = sample.numel()
+        half = 1.5 * m ** 0.5                                               # ~3 sd of the sample median's rank
         lo_b = sample.kthvalue(max(1, int(m / 2 - half))).values
         hi_b = sample.kthvalue(min(m, int(m / 2 + half) + 1)).values
         below = int((x < lo_b).sum())
@@ -79,10 +79,31 @@ def _median_1d(x: torch.Tensor) -> torch.Tensor:
     return v1 if k1 == k2 else (v1 + x.kthvalue(k2).values) / 2
 
 
+def _median_rows(a: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Exact medians of a [B, S, D] over each row's first lengths[b] positions (all dims) -> [B] (fp32, CPU)."""
+    return torch.stack([_median_1d(a[b, :n].reshape(-1)) for b, n in enumerate(lengths.tolist())]).float().cpu()
+
+
 def median_abs(h: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """Sun et al. 2024: each prompt's median |h| over its real positions and every dim (the mean of the two middle
     values for an even count). h: [B, S, D] -> [B]."""
-    return torch.stack([_median_1d(h[b, :n].float().abs().reshape(-1)) for b, n in enumerate(lengths.tolist())])
+    return _median_rows(h.float().abs(), lengths)
+
+
+def sun_reduce(h: torch.Tensor, lengths: torch.Tensor, k: int = SUN_TOP_K) -> dict:
+    """Sun et al. 2024 for one batch of hidden states, |h| computed once: each prompt's median |h| [B], its top-k
+    (top_abs) and its massive activations (massive_mask) as hits [n, 3] (row, position, dim) and values [n]."""
+    a = h.float().abs()
+    med = _median_rows(a, lengths)
+    tv, tp, td = top_abs(a, lengths, k)
+    top1 = tv[:, 0].cpu()
+    if bool(((top1 > SUN_MIN_ABS) & (top1 >= SUN_MEDIAN_RATIO * med)).any()):   # else no activation is massive
+        hits = massive_mask(a, med, lengths).nonzero()
+    else:
+        hits = torch.zeros(0, 3, dtype=torch.long)
+    vals = h[hits[:, 0], hits[:, 1], hits[:, 2]].float()
+    return {"median": med, "top_v": tv.cpu(), "top_p": tp.cpu(), "top_d": td.cpu(), "hits": hits.cpu(),
+            "hit_vals": vals.cpu()}
 
 
 def massive_mask(h: torch.Tensor, median: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:

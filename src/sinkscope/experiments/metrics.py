@@ -142,12 +142,7 @@ def _sink_prob_reducer(ps, batch):
 
 
 def _hidden_reducer(h, batch):
-    med = lit.median_abs(h, batch.lengths)
-    tv, tp, td = lit.top_abs(h, batch.lengths)
-    hits = lit.massive_mask(h, med, batch.lengths).nonzero()                    # [n, 3]: row, position, dim
-    vals = h[hits[:, 0], hits[:, 1], hits[:, 2]].float()
-    return {"median": med.cpu(), "top_v": tv.cpu(), "top_p": tp.cpu(), "top_d": td.cpu(), "hits": hits.cpu(),
-            "hit_vals": vals.cpu()}
+    return lit.sun_reduce(h, batch.lengths)
 
 
 class _Acc:
