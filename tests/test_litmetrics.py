@@ -181,6 +181,29 @@ def test_metric_len_truncates_and_learned_sinks_and_hybrid_rows():
         assert (r.dormant_frac[l] is None) == (l not in hy.attention_layers)
 
 
+def test_rank_accumulators_merge_like_one_pass():
+    """Data-parallel runs merge each rank's sums: two halves merged equal one pass over every prompt."""
+    from sinkscope.experiments.metrics import _result, collect
+    from sinkscope.promptset import Prompts
+    lm = tiny_model("llama")
+    toks = api.tokenized(lm, api.prompts(PROMPTS, bos="always"))
+    half = lambda sl: Prompts(toks.texts[sl], toks.ids[sl], toks.bos, None)  # noqa: E731
+    eps = 0.295                                       # alpha_1 of this model is ~0.29-0.30: some heads pass
+    full, taps = collect(RunContext(lm, toks, batch_size=2, progress=False), eps)
+    a, _ = collect(RunContext(lm, half(slice(0, 2)), batch_size=2, progress=False), eps)
+    b, _ = collect(RunContext(lm, half(slice(2, 4)), batch_size=2, progress=False), eps)
+    a.merge(b)
+    args = (taps.summary(), eps, None, list(lm.attention_layers), False, [])
+    r1, r2 = _result(lm, full, *args), _result(lm, a, *args)
+    assert r2.n_prompts == 4 and torch.allclose(torch.tensor(r2.gu_alpha), torch.tensor(r1.gu_alpha))
+    assert r2.gu_sink_rate == pytest.approx(r1.gu_sink_rate) and 0 < r1.gu_sink_rate_model < 1
+    assert r2.dormant_frac == pytest.approx(r1.dormant_frac) and r2.massive_median == pytest.approx(r1.massive_median)
+    assert r2.secondary_sinks == r1.secondary_sinks
+    for t1, t2 in zip(r1.top3, r2.top3):
+        assert [x["mean_abs"] for x in t2] == pytest.approx([x["mean_abs"] for x in t1])
+        assert (t2[0]["position"], t2[0]["dim"], t2[0]["share"]) == (t1[0]["position"], t1[0]["dim"], t1[0]["share"])
+
+
 # -- the super weight: planted, found, zeroed and restored -------------------------------------------------------
 
 LAYER, ROW, COL, W_VALUE, Z_GAIN = 1, 5, 17, 1e4, 30.0

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import distributed
 from ..arch import down_weight
 from ..capture import Capture
 from ..hooks import ShapeTracker, locate, shape_hooks, site_available
@@ -108,6 +109,17 @@ class DownTaps:
             for h in handles:
                 h.remove()
 
+    def merge_ranks(self) -> None:
+        """Data-parallel runs: the maxima over every rank's prompts (z at the output's max from its rank)."""
+        if distributed.world_size() == 1:
+            return
+        for z_max, out_max, z_at in distributed.gather((self.z_max, self.out_max, self.z_at)):
+            for l in self.layers:
+                if z_max[l][0] > self.z_max[l][0]:
+                    self.z_max[l] = z_max[l]
+                if out_max[l][0] > self.out_max[l][0]:
+                    self.out_max[l], self.z_at[l] = out_max[l], z_at[l]
+
     def summary(self) -> dict:
         """z_max/out_max/argmax per layer (None without a dense MLP), the spike layers and the super weight."""
         L = self.lm.n_layers
@@ -193,6 +205,30 @@ class _Acc:
                 p[0].add(int(batch.index[b]))
                 p[1][text(b, s)] += 1
 
+    def merge(self, o: "_Acc") -> None:
+        """Add another rank's sums (data-parallel runs: every rank ran different prompts)."""
+        self.n += o.n
+        for k in ("alpha1", "rate", "dorm", "v0", "vrest", "vrest_n", "psink", "median", "top_v"):
+            setattr(self, k, getattr(self, k) + getattr(o, k))
+        for l, ranks in enumerate(o.top_loc):
+            for k, counts in enumerate(ranks):
+                for loc, c in counts.items():
+                    self.top_loc[l][k][loc] += c
+            for loc, t in o.top_tok[l].items():
+                self.top_tok[l].setdefault(loc, t)
+        for key, (c, tot, mx, toks) in o.massive.items():
+            e = self.massive.setdefault(key, [0, 0.0, 0.0, Counter()])
+            e[0], e[1], e[2] = e[0] + c, e[1] + tot, max(e[2], mx)
+            e[3].update(toks)
+        for s, (ids, toks) in o.massive_pos.items():
+            p = self.massive_pos.setdefault(s, [set(), Counter()])
+            p[0] |= ids
+            p[1].update(toks)
+        for key, (c, a, m) in o.secondary.items():
+            e = self.secondary.setdefault(key, [0, None, 0])
+            e[0], e[2] = e[0] + c, e[2] + m
+            e[1] = a if e[1] is None else (e[1] if a is None else max(e[1], a))
+
     def add_secondary(self, per_prompt: dict, text):
         """per_prompt: {(row, position): [max_alpha or None, massive]} for one batch."""
         for (b, s), (alpha, massive) in per_prompt.items():
@@ -236,26 +272,37 @@ def run_metrics(ctx: RunContext, epsilon: float = lit.GU_EPSILON, metric_len: in
         ctx = RunContext(lm, truncate_to(ctx.prompts, metric_len), batch_size=ctx.batch_size, progress=ctx.progress)
         notes.append(f"--metric-len {metric_len}: {n_cut} of {len(ctx.prompts)} prompts cut to their first "
                      f"{metric_len} tokens (Gu et al. use T = {lit.GU_METRIC_LEN})")
-    L, H = lm.n_layers, lm.config.num_attention_heads
-    attn = list(lm.attention_layers)
-    learned = bool(lm.adapter.has_learned_sinks)
+    dense = dense_down_layers(lm)
+    if len(dense) < lm.n_layers:
+        notes.append(f"blocks without a dense MLP ({lm.n_layers - len(dense)} of {lm.n_layers}, mixture of experts): "
+                     f"z_max, out_max and the super weight are N/A there")
+    acc, taps = collect(ctx, epsilon)
+    if distributed.world_size() > 1:                    # data-parallel runs: every rank's prompts
+        parts = distributed.gather(acc)
+        acc = parts[0]
+        for other in parts[1:]:
+            acc.merge(other)
+    taps.merge_ranks()
+    return _result(lm, acc, taps.summary(), epsilon, metric_len, list(lm.attention_layers),
+                   bool(lm.adapter.has_learned_sinks), notes)
+
+
+def collect(ctx: RunContext, epsilon: float) -> tuple[_Acc, DownTaps]:
+    """The pass itself over this process's prompts: the running sums and the down-projection maxima."""
+    lm = ctx.lm
     sites = {"attn.hook_pattern": None, "attn.hook_v": None, "hook_resid_post": None}
     reduce = {"attn.hook_pattern": _alpha_reducer, "attn.hook_v": _v_reducer, "hook_resid_post": _hidden_reducer}
-    if learned:
+    if lm.adapter.has_learned_sinks:
         sites["attn.hook_sink_prob"] = None
         reduce["attn.hook_sink_prob"] = _sink_prob_reducer
-    dense = dense_down_layers(lm)
-    if len(dense) < L:
-        notes.append(f"blocks without a dense MLP ({L - len(dense)} of {L}, mixture of experts): z_max, out_max "
-                     f"and the super weight are N/A there")
-    acc = _Acc(L, H, epsilon)
-    taps = DownTaps(lm, dense)
+    acc = _Acc(lm.n_layers, lm.config.num_attention_heads, epsilon)
+    taps = DownTaps(lm, dense_down_layers(lm))
     with taps.attached(), Capture(lm, sites, reduce=reduce) as cap:
         ctx.for_each("metrics", lambda batch: _step(cap, taps, acc, lm, batch, epsilon))
-    return _result(lm, ctx, acc, taps.summary(), epsilon, metric_len, attn, learned, notes)
+    return acc, taps
 
 
-def _result(lm, ctx, acc, yu, eps, metric_len, attn, learned, notes) -> MetricsResult:
+def _result(lm, acc, yu, eps, metric_len, attn, learned, notes) -> MetricsResult:
     L, H, N = lm.n_layers, lm.config.num_attention_heads, max(acc.n, 1)
     per = lambda t, l: [float(x) for x in t[l] / N] if l in attn else None  # noqa: E731
     rates = [float(acc.rate[l] / N) if l in attn else None for l in range(L)]

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import distributed
 from ..capture import Capture
 from ..errors import UsageError
 from ..hooks import locate
@@ -64,6 +65,7 @@ def find_super_weight(ctx: RunContext) -> dict:
         cap.forward(batch)
     with taps.attached(), Capture(lm, {}) as cap:
         ctx.for_each("super weight: find", step)
+    taps.merge_ranks()
     found = taps.summary()
     if found["super_weight"] is None:
         vals = [v for v in found["out_max"] if v is not None]
@@ -96,8 +98,12 @@ def _massive_pass(ctx: RunContext, layer: int, row: int, edit) -> dict:
         cap = stack.enter_context(Capture(lm, {"hook_resid_post": None}, layers=[layer],
                                           reduce={"hook_resid_post": reduce}))
         ctx.for_each("super weight: massive", step)
-    return {"out_max": taps.out_max[layer][0], "h_max_mean": float(torch.cat(hmax).double().mean()),
-            "h_tok0_row_mean": float(torch.cat(h0).double().mean())}
+    taps.merge_ranks()
+    sums = distributed.all_sum(torch.tensor([float(torch.cat(hmax).double().sum()),
+                                             float(torch.cat(h0).double().sum()), float(len(torch.cat(h0)))],
+                                            dtype=torch.float64))
+    return {"out_max": taps.out_max[layer][0], "h_max_mean": float(sums[0] / sums[2]),
+            "h_tok0_row_mean": float(sums[1] / sums[2])}
 
 
 def run_ablate_super_weight(ctx: RunContext, seed: int = 19) -> SuperWeightResult:
