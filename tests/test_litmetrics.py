@@ -209,16 +209,29 @@ def test_rank_accumulators_merge_like_one_pass():
 LAYER, ROW, COL, W_VALUE, Z_GAIN = 1, 5, 17, 1e4, 30.0
 
 
-@pytest.fixture(scope="module")
-def planted():
-    """Tiny llama (5 layers) whose block-1 MLP has z_17 x30 everywhere and W_down[5, 17] = 1e4: a spike at layer 1."""
-    lm = tiny_model("llama", num_hidden_layers=5)
+def _plant(family: str):
+    """Block 1's MLP with z_17 x30 everywhere and W_down[5, 17] = 1e4: a down-projection spike at layer 1. GPT-2's
+    Conv1D stores its weights as [in, out], so the same entries sit transposed there."""
+    if family == "gpt2":
+        lm = tiny_model("gpt2", n_layer=5)
+        mlp = lm.layers[LAYER].mlp
+        with torch.no_grad():
+            mlp.c_fc.weight[:, COL] *= Z_GAIN
+            mlp.c_fc.bias[COL] = 3.0
+            mlp.c_proj.weight[COL, ROW] = W_VALUE
+        return lm
+    lm = tiny_model(family, num_hidden_layers=5)
     mlp = lm.layers[LAYER].mlp
     with torch.no_grad():
         mlp.gate_proj.weight[COL] *= Z_GAIN
         mlp.up_proj.weight[COL] *= Z_GAIN
         mlp.down_proj.weight[ROW, COL] = W_VALUE
     return lm
+
+
+@pytest.fixture(params=["llama", "gpt2"])
+def planted(request):
+    return _plant(request.param)
 
 
 def test_planted_super_weight_is_found_and_its_ablation_restores_everything(planted):
