@@ -73,7 +73,7 @@ def dense_down_layers(lm) -> list[int]:
 
 class DownTaps:
     """Read-only forward hooks on the down projections: per layer the max |z| and max |output| over the pass, and z
-    at the output's max (for the super weight's column). Set `batch` before each forward (its lengths and prompt ids)."""
+    at the output's max (for the super weight's column). Set `batch` before each forward (lengths, prompt ids)."""
 
     def __init__(self, lm, layers):
         self.lm, self.layers = lm, list(layers)
