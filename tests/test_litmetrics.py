@@ -234,7 +234,7 @@ def planted(request):
     return _plant(request.param)
 
 
-def test_planted_super_weight_is_found_and_its_ablation_restores_everything(planted):
+def test_planted_super_weight_is_found_and_its_ablation_restores_everything(planted, tmp_path):
     lm = planted
     before = {k: v.clone() for k, v in lm.model.state_dict().items()}
     res = api.metrics(lm, PROMPTS, progress=False)
@@ -248,7 +248,12 @@ def test_planted_super_weight_is_found_and_its_ablation_restores_everything(plan
     after = lm.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)             # bit-identical
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in lm.model.modules())
-    json.loads(json.dumps(ab.to_dict(), allow_nan=False))
+    paths = ab.save(tmp_path)
+    data = _strict(tmp_path / "ablate_super_weight.json")
+    assert data["super_weight"]["row"] == ROW and data["sink"]["n_prompts"] == len(PROMPTS)
+    assert data["loss"]["baseline"] is None or data["loss"]["baseline"] > 0      # the loss, once the build has it
+    assert (tmp_path / "ablate_super_weight_sink.png").is_file() and len(paths) == 2
+    assert "Yu et al. 2024" in ab.table() and f"W_down[row {ROW}, col {COL}]" in ab.table()
 
 
 def test_zero_weight_restores_bit_identically_even_on_error():
