@@ -250,7 +250,7 @@ def test_planted_super_weight_is_found_and_its_ablation_restores_everything(plan
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in lm.model.modules())
     paths = ab.save(tmp_path)
     data = _strict(tmp_path / "ablate_super_weight.json")
-    assert data["super_weight"]["row"] == ROW and data["sink"]["n_prompts"] == len(PROMPTS)
+    assert data["super_weight"]["row"] == ROW and data["sink"]["n_prompts"] == 3   # "A b" has no query q >= 4
     assert data["loss"]["baseline"] is None or data["loss"]["baseline"] > 0      # the loss, once the build has it
     assert (tmp_path / "ablate_super_weight_sink.png").is_file() and len(paths) == 2
     assert "Yu et al. 2024" in ab.table() and f"W_down[row {ROW}, col {COL}]" in ab.table()
