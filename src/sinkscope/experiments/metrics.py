@@ -22,7 +22,7 @@ import torch
 from .. import distributed
 from ..arch import down_weight
 from ..capture import Capture
-from ..hooks import ShapeTracker, locate, shape_hooks, site_available
+from ..hooks import ShapeTracker, SiteUnavailable, locate, shape_hooks, site_available
 from ..promptset import truncate_to
 from ..result import Result
 from ..runner import RunContext
@@ -68,7 +68,18 @@ def token_text(lm, tok_id: int) -> str:
 
 
 def dense_down_layers(lm) -> list[int]:
-    return [l for l in range(lm.n_layers) if site_available(lm, l, "mlp.hook_post") is None]
+    """Blocks with one dense down projection to hook (a mixture of experts has none: its z, where sinkscope
+    computes it, is a weighted sum over experts)."""
+    out = []
+    for l in range(lm.n_layers):
+        if site_available(lm, l, "mlp.hook_post") is not None:
+            continue
+        try:
+            locate(lm, l, "mlp.hook_post")
+        except SiteUnavailable:
+            continue
+        out.append(l)
+    return out
 
 
 class DownTaps:
