@@ -10,6 +10,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from sinkscope.arch import (ADAPTERS, UnsupportedModelError, get_adapter, get_module, mlp_input_norm, resolve)
 from sinkscope.capture import Capture
 from sinkscope.hooks import SITES, SiteUnavailable, parse_site, site_available
+from sinkscope.interventions import edit_site
+from sinkscope.moe import MoEMath, is_moe_layer
 from sinkscope.promptset import make_batches, tokenize
 from sinkscope.testing import ALL_FAMILIES, VARIANTS, tiny_config, tiny_model
 
@@ -167,10 +169,15 @@ def _sinks(lm, layer):
 
 def test_mlp_internals_compose_to_z(fam):
     lm, batch, c = fam
-    if "blocks.1.mlp.hook_post" not in c:  # a mixture of experts: the MLP sites say why they are missing
-        assert lm.adapter.mlp_kind == "moe" or lm.config.num_experts > 0
-        with pytest.raises(SiteUnavailable, match="dense MLP"):
-            Capture(lm, {"blocks.1.mlp.hook_post": [0]})
+    if is_moe_layer(lm, 1):  # a mixture of experts: z is computed from x (tests/test_moe.py checks the maths)
+        mm = MoEMath(lm, 1)
+        z = c["blocks.1.mlp.hook_post"][:, :int(batch.lengths.min())]
+        live = torch.stack([z[..., mm.offsets[b]:mm.offsets[b + 1]].abs().amax(-1) > 0
+                            for b in range(len(mm.experts))], -1)
+        assert (live.sum(-1) == mm.top_k + mm.has_shared).all()   # the routed experts (and the shared one) only
+        with pytest.raises(SiteUnavailable, match="read-only"):
+            with edit_site(lm, 1, "mlp.hook_post", lambda t: t):
+                pass
         return
     act = get_module(lm.layers[1], lm.adapter.act)
     g, z = c["blocks.1.mlp.hook_pre"], c["blocks.1.mlp.hook_post"]

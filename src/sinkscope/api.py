@@ -26,6 +26,7 @@ from .promptset import PromptSet, Prompts, fit_to_model, load_prompts
 from .provenance import provenance
 from .runner import RunContext
 
+MLP_MODES = ("ablate_mlp_out", "decompose_mlp_in")  # modes whose z dims may index a MoE's flat z
 _ARGV: ContextVar[list | None] = ContextVar("sinkscope_argv", default=None)
 
 
@@ -69,6 +70,11 @@ def _run(mode: str, fn, lm, prompts, params: dict, batch_size=16, progress: bool
     checks.check_against_config(mode, params, lm.config)
     toks = tokenized(lm, prompts, truncate)
     ctx = RunContext(lm, toks, batch_size=batch_size, progress=progress)
+    if mode in MLP_MODES and isinstance(params.get("layer"), int) and params.get("mode") != "magnitude":
+        from .moe import flat_layout_note, is_moe_layer
+        layer = params["layer"] % lm.n_layers
+        if is_moe_layer(lm, layer):
+            ctx.notes.append(flat_layout_note(lm, layer))
     result = fn(ctx, **params)
     result.meta = provenance(lm, toks, mode, {**params, "batch_size": ctx.batch_size, "truncate": truncate},
                              argv=_ARGV.get())
@@ -123,6 +129,14 @@ def decompose_mlp_in(lm, prompts=None, *, layer: int, sink_tok: int = 0, ref_tok
         te_k=te_k, te_mass=te_mass, seed=seed), **run)
 
 
+def ablate_router(lm, prompts=None, *, layer: int, route: str = "forbid", expert: int, token: int = 0, **run):
+    """`--layer L --ablate-router forbid|force --expert E`: route token 0 away from expert E (or to it) at MoE block
+    L and measure the sink attention (and the loss) at the later layers against the baseline."""
+    from .experiments.ablate_router import run_ablate_router
+    return _run("ablate_router", run_ablate_router, lm, prompts, dict(layer=layer, route=route, expert=expert,
+                                                                      token=token), **run)
+
+
 def metrics(lm, prompts=None, *, epsilon: float = 0.3, metric_len: int | None = None, **run):
     """`--metrics`: Gu, Sun, Yu and Guo et al.'s sink metrics (and secondary sinks) per layer and head, one pass.
     metric_len: cut every prompt to its first T tokens first (Gu et al. use 64)."""
@@ -165,7 +179,7 @@ def explain_compare(results):
     return res
 
 
-MODES = ("scan", "decompose_output", "find_mlp_subspace", "ablate_mlp_out", "decompose_mlp_in")
+MODES = ("scan", "decompose_output", "find_mlp_subspace", "ablate_mlp_out", "decompose_mlp_in", "ablate_router")
 
 __all__ = ["load", "prompts", "tokenized", "invoked_as", *MODES]
 __all__ += ["explain", "explain_compare", "metrics", "ablate_super_weight"]

@@ -22,6 +22,29 @@ class UnsupportedModelError(UsageError):
 
 
 @dataclass(frozen=True)
+class MoESpec:
+    """How one family's MoE block computes (paths from the decoder block)."""
+    routing: str                     # "softmax_topk": softmax over all logits, top-k (Mixtral, Qwen, OLMoE);
+    #                                  "topk_softmax": top-k logits (with a router bias), softmax over them (gpt-oss);
+    #                                  "sigmoid_grouped": sigmoid scores, group-limited top-k, routed scaling (DeepSeek-V3)
+    renorm: bool | None = None       # True: the top-k weights are always renormalised; None: the router's norm_topk_prob
+    layout: str = "gate_up"          # "gate_up": gate_up_proj [E, 2F, D] ([gate | up]), down_proj [E, D, F], act_fn;
+    #                                  "gpt_oss": [E, D, 2F] interleaved gate/up with biases, clamped SwiGLU (alpha, limit)
+    block: str = "mlp"               # the MoE module; its input is x
+    router: str = "mlp.gate"
+    experts: str = "mlp.experts"
+    shared: str | None = None        # a dense gated MLP added to every token
+    shared_gate: str | None = None   # Linear(D, 1): the shared expert is scaled by sigmoid(gate(x)) (Qwen2-MoE)
+
+    def describe(self) -> str:
+        what = {"softmax_topk": "softmax then top-k", "topk_softmax": "top-k logits then softmax",
+                "sigmoid_grouped": "sigmoid, group-limited top-k, routed scaling factor"}[self.routing]
+        extra = "; clamped SwiGLU with biases" if self.layout == "gpt_oss" else ""
+        shared = "; gated shared expert" if self.shared_gate else "; shared expert" if self.shared else ""
+        return f"MoE routing: {what}{extra}{shared}"
+
+
+@dataclass(frozen=True)
 class Adapter:
     model_type: str
     # -- paths from the top model (the *ForCausalLM / *ForConditionalGeneration object) --
@@ -44,7 +67,7 @@ class Adapter:
     mlp_in: str               # module whose input is the MLP input x
     mlp_out: str              # module whose output is m as added to the residual (up to `residual_scale`)
     mlp_kind: str             # "gated" (act(g) * u), "gated_fused" (one gate_up matrix), "plain" (act(W_in x + b))
-    #                           or "moe" (a mixture of experts: the MLP modes need the MoE support of issue 9 §2)
+    #                           or "moe" (a mixture of experts, see `moe`; its dense layers, if any, are "gated")
     gate: str | None          # gated: W_gate; gated_fused: the fused [gate|up] projection
     up: str | None            # gated: W_up; plain: the input projection W_in
     down: str | None          # the down/output projection; its input is z
@@ -62,6 +85,7 @@ class Adapter:
     # (config flag, attention-module method): under eager attention with the flag set, the module calls
     # method(query, key, value, attention_mask) instead of the attention function (GPT-2's fp32 upcast path)
     eager_methods: tuple[tuple[str, str], ...] = ()
+    moe: MoESpec | None = None         # the MoE block of the layers that have one (moe.py); dense layers use the above
     refuse: tuple[tuple[str, object, str], ...] = ()  # (config attribute, value, why): variants we cannot decompose
     special: str = ""                  # what is special about the family (documentation, README table)
 
@@ -73,7 +97,7 @@ class Adapter:
 
     @property
     def gated(self) -> bool:
-        return self.mlp_kind in ("gated", "gated_fused")
+        return self.mlp_kind in ("gated", "gated_fused", "moe")  # "moe": the dense layers of MoE families
 
     @property
     def has_learned_sinks(self) -> bool:
@@ -102,11 +126,12 @@ def _llama_like(model_type: str, *, qk_norm: bool = False, sandwich: bool = Fals
         attn_post_norm="post_attention_layernorm" if sandwich else None,
         mlp_post_norm="post_feedforward_layernorm" if sandwich else None,
         mlp_in="mlp", mlp_out="post_feedforward_layernorm" if sandwich else "mlp",
-        mlp_kind="gated", gate="mlp.gate_proj", up="mlp.up_proj", down="mlp.down_proj", act="mlp.act_fn",
-        **extra,
+        gate="mlp.gate_proj", up="mlp.up_proj", down="mlp.down_proj", act="mlp.act_fn",
+        **{"mlp_kind": "gated", **extra},
     )
 
 
+_QWEN_SHARED = MoESpec("softmax_topk", shared="mlp.shared_expert", shared_gate="mlp.shared_expert_gate")
 _SANDWICH = "pre- and post-norms around both sublayers (sandwich)"
 ADAPTERS: dict[str, Adapter] = {
     "llama": _llama_like("llama"),
@@ -122,6 +147,22 @@ ADAPTERS: dict[str, Adapter] = {
     # text-only one): the text tower is the body.
     "gemma3": _llama_like("gemma3", qk_norm=True, sandwich=True, body="model.language_model",
                           special="multimodal: the text tower of Gemma3ForConditionalGeneration"),
+    "mixtral": _llama_like("mixtral", mlp_kind="moe", moe=MoESpec("softmax_topk", renorm=True),
+                           special="MoE: softmax then top-k, renormalised; sliding-window attention"),
+    "qwen2_moe": _llama_like("qwen2_moe", mlp_kind="moe", moe=_QWEN_SHARED,
+                             special="MoE: softmax then top-k (norm_topk_prob); shared expert scaled by a sigmoid "
+                                     "gate; dense layers (mlp_only_layers, decoder_sparse_step); q/k/v biases"),
+    "qwen3_moe": _llama_like("qwen3_moe", qk_norm=True, mlp_kind="moe", moe=MoESpec("softmax_topk"),
+                             special="MoE: softmax then top-k (norm_topk_prob); QK-norm; dense layers "
+                                     "(mlp_only_layers)"),
+    "olmoe": _llama_like("olmoe", qk_norm=True, mlp_kind="moe", moe=MoESpec("softmax_topk"),
+                         special="MoE: softmax then top-k (norm_topk_prob); QK-norm over all heads"),
+    "deepseek_v3": replace(
+        _llama_like("deepseek_v3", mlp_kind="moe", moe=MoESpec("sigmoid_grouped", shared="mlp.shared_experts"),
+                    special="MoE: sigmoid scores + correction bias, group-limited top-k, routed scaling factor; "
+                            "shared experts; first_k_dense_replace dense layers; MLA attention (low-rank q and kv, "
+                            "v head dim != qk head dim)"),
+        q="self_attn.q_b_proj|self_attn.q_proj", k="self_attn.kv_b_proj", v="self_attn.kv_b_proj"),
     "olmo2": Adapter(
         model_type="olmo2", body="model", layers="model.layers", final_norm="model.norm",
         attn="self_attn", q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", qkv=None,
@@ -209,10 +250,12 @@ ADAPTERS: dict[str, Adapter] = {
         qkv_split=None, qk_norm=None, o="self_attn.o_proj", attn_norm="input_layernorm",
         mlp_norm="post_attention_layernorm", attn_post_norm=None, mlp_post_norm=None, mlp_in="mlp", mlp_out="mlp",
         mlp_kind="moe", gate=None, up=None, down=None, act=None, attn_sinks="sinks",
-        special="learned per-head attention sinks (softmax rows sum to 1 - p_sink); mixture of experts; "
-                "eager attention (no SDPA)"),
+        moe=MoESpec("topk_softmax", layout="gpt_oss", router="mlp.router"),
+        special="learned per-head attention sinks (softmax rows sum to 1 - p_sink); eager attention (no SDPA); "
+                "MoE: router with bias, top-k logits then softmax; clamped SwiGLU (alpha, limit, up + 1) with "
+                "biases, interleaved gate/up"),
     "qwen3_next": _llama_like("qwen3_next", qk_norm=True, attn_gate="self_attn.q_proj",
-                              linear_mixer="linear_attn",
+                              linear_mixer="linear_attn", moe=_QWEN_SHARED,
                               special="hybrid: gated-delta-net (linear attention) layers without softmax "
                                       "attention; sigmoid output gate on softmax attention; MoE or dense MLP"),
 }
@@ -253,7 +296,8 @@ def family_table() -> str:
         block = ("parallel" if a.parallel is True else "sequential" if a.parallel is False
                  else f"parallel if {' or '.join([a.parallel] if isinstance(a.parallel, str) else a.parallel)}")
         refused = "; ".join(f"{attr}={value!r}: {why}" for attr, value, why in a.refuse) or "-"
-        lines.append(f"| {t} | {kinds[a.mlp_kind]} | {a.norm_placement} ({a.norm_kind}) | {block} | "
+        mlp = kinds[a.mlp_kind] + (" or MoE" if a.moe is not None and a.mlp_kind != "moe" else "")
+        lines.append(f"| {t} | {mlp} | {a.norm_placement} ({a.norm_kind}) | {block} | "
                      f"{a.special or '-'} | {refused} |")
     return "\n".join(lines)
 

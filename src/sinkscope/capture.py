@@ -38,8 +38,9 @@ import torch
 from . import attention as am
 from .arch import get_module
 from .attention import LSE_STATS, attention_lse, attention_probs  # noqa: F401  (public names, re-exported)
-from .hooks import (ATTN_MODULE_SITES, ATTN_SITES, ShapeTracker, SiteUnavailable, parse_site, shape_hooks,
-                    site_available, site_hook, site_name)
+from .hooks import (ATTN_MODULE_SITES, ATTN_SITES, MLP_SITES, ShapeTracker, SiteUnavailable, parse_site,
+                    shape_hooks, site_available, site_hook, site_name)
+from .moe import capture_site, is_moe_layer
 
 # Reuse the log-sum-exp of the model's own fused SDPA kernel where it is verified; SINKSCOPE_KERNEL_LSE=0 turns
 # this off (every sink column is then recomputed from q and k with a chunked log-sum-exp).
@@ -286,7 +287,10 @@ class Capture:
             shapes = ShapeTracker()
             self._handles += shape_hooks(self.lm, shapes)
             for (l, site), tokens in self.plan.items():
-                if site not in ATTN_SITES:
+                if site in MLP_SITES and is_moe_layer(self.lm, l):  # computed from x, at the tokens only
+                    self._handles += capture_site(self.lm, l, site, lambda t, tok=tokens: self._select(
+                        t.detach(), tok, dim=1, cast=torch.float32), lambda v, l=l, s=site: self._store(l, s, v))
+                elif site not in ATTN_SITES:
                     self._handles += site_hook(self.lm, l, site, self._reader(l, site, tokens), shapes)
             attn_layers = sorted({l for l, s in self.plan if s in ATTN_SITES})
             modules = [get_module(self.lm.layers[l], self.lm.adapter.attn) for l in attn_layers]

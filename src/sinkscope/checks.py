@@ -18,6 +18,8 @@ from .promptset import SEED_MAX
 
 # MLP width attributes by family (the first one present wins); MoE configs name the per-expert width.
 FFN_WIDTH_ATTRS = ("moe_intermediate_size", "intermediate_size", "ffn_dim", "n_inner", "ffn_hidden_size")
+# Number-of-experts attributes of MoE configs (the first one present wins).
+EXPERT_COUNT_ATTRS = ("num_local_experts", "num_experts", "n_routed_experts")
 # Modes that draw a random subspace of the same rank as the chosen one, orthogonal to it.
 RANDOM_CONTROL_MODES = ("ablate_mlp_out", "decompose_mlp_in")
 
@@ -37,7 +39,8 @@ def _flag(key: str) -> str:
 
 # API keyword -> the CLI flag a user would recognise in a message.
 FLAG_NAMES = {"sinks": "--sink-idx", "interval": "--scan-interval", "heatmap_head": "--head",
-              "sink_tok": "--ablate-tok", "ref_tok": "--ref-tok", "mode": "--ablate-mlp-out", "sections": "--mlp"}
+              "sink_tok": "--ablate-tok", "ref_tok": "--ref-tok", "mode": "--ablate-mlp-out", "sections": "--mlp",
+              "route": "--ablate-router", "token": "--ablate-tok"}
 
 
 def check_params(mode: str, p: dict) -> None:
@@ -72,6 +75,14 @@ def check_params(mode: str, p: dict) -> None:
         if p.get("sink_tok") == p.get("ref_tok"):
             raise UsageError(f"--ablate-tok and --ref-tok are both {p.get('sink_tok')}: scaling a token's MLP output "
                              f"to its own norm changes nothing; choose a different --ref-tok")
+    if mode == "ablate_router":
+        if p.get("route") not in ("forbid", "force"):
+            raise UsageError(f"--ablate-router must be forbid or force, not {p.get('route')!r}")
+        if p.get("expert") is None:
+            raise UsageError("--ablate-router needs --expert E (the expert to forbid or force)")
+        _int("--expert", p["expert"], 0)
+        if p.get("token", 0) != 0:
+            raise UsageError(f"--ablate-router measures the sink at token 0; --ablate-tok must be 0, not {p['token']}")
     if mode == "decompose_mlp_in" and p.get("sink_tok") == p.get("ref_tok"):
         raise UsageError(f"--ablate-tok and --ref-tok are both {p.get('sink_tok')}: the projection gap compares the "
                          f"sink token with a different reference token")
@@ -92,6 +103,7 @@ def check_against_config(mode: str, p: dict, config) -> None:
     H = getattr(config, "num_attention_heads", None)
     D = getattr(config, "hidden_size", None)
     F = ffn_width(config)
+    n_experts = next((v for v in (getattr(config, a, None) for a in EXPERT_COUNT_ATTRS) if isinstance(v, int)), 0)
     if L and p.get("layer") is not None:
         layer = p["layer"]
         _int("--layer", layer)
@@ -100,11 +112,18 @@ def check_against_config(mode: str, p: dict, config) -> None:
         if mode in RANDOM_CONTROL_MODES and layer % L == L - 1:
             raise UsageError(f"--layer {layer} is the last layer: there is no later layer to measure the sink at "
                              f"(use --layer 0..{L - 2})")
+    if mode == "ablate_router" and n_experts and not p["expert"] < n_experts:
+        raise UsageError(f"--expert {p['expert']} is out of range: this model has experts 0..{n_experts - 1}")
+    if mode == "ablate_router" and not n_experts:
+        raise UsageError("--ablate-router needs a mixture of experts; this model's config has no experts")
+    if mode == "ablate_router" and L and p.get("layer") is not None and p["layer"] % L == L - 1:
+        raise UsageError(f"--layer {p['layer']} is the last layer: there is no later layer to measure the sink at "
+                         f"(use --layer 0..{L - 2})")
     if H and p.get("heatmap_head") is not None and p["heatmap_head"] >= H:
         raise UsageError(f"--head {p['heatmap_head']} is out of range: this model has heads 0..{H - 1}")
     if F and p.get("te_k") is not None and p["te_k"] > F:
         raise UsageError(f"--te-k {p['te_k']} is larger than the MLP width ({F} z dims)")
-    if F and p.get("vec_idx"):
+    if F and p.get("vec_idx") and not n_experts:  # a MoE's flat z is checked once the model is loaded
         bad = [i for i in p["vec_idx"] if i >= F]
         if bad:
             raise UsageError(f"--vec-idx {' '.join(map(str, bad))} is out of range: the MLP has z dims 0..{F - 1}")

@@ -17,7 +17,7 @@ import time
 from .errors import UsageError
 
 # The modes, in the reference's dispatch order (MODES.md section 0). Every mode given on one command line runs.
-MODE_ORDER = ("decompose_mlp_in", "ablate_mlp_out", "scan", "find_mlp_subspace", "decompose_output")
+MODE_ORDER = ("decompose_mlp_in", "ablate_mlp_out", "scan", "find_mlp_subspace", "decompose_output", "ablate_router")
 MODE_ORDER += ("metrics", "ablate_super_weight")  # the literature metrics (issue 7)
 
 
@@ -38,6 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="ablate token 0's MLP output at --layer and measure later sink attention")
     modes.add_argument("--decompose-mlp-in", action="store_true",
                        help="which MLP-input directions drive the top z dims (gradients, causal test)")
+
+    r = p.add_argument_group("mixture of experts")
+    r.add_argument("--ablate-router", choices=("forbid", "force"), default=None,
+                   help="route token 0 away from (forbid) or to (force) --expert at MoE block --layer; measure the "
+                        "later sink attention and the loss")
+    r.add_argument("--expert", type=int, default=None, help="the expert E of --ablate-router")
 
     # -- literature metrics (issue 7) --
     lit = p.add_argument_group("literature metrics")
@@ -114,6 +120,8 @@ def mode_params(mode: str, a) -> dict:
         return dict(mode=a.ablate_mlp_out, seed=a.seed, **mlp)
     if mode == "decompose_mlp_in":
         return dict(seed=a.seed, **mlp)
+    if mode == "ablate_router":
+        return dict(layer=a.layer, route=a.ablate_router, expert=a.expert, token=a.ablate_tok)
     if mode == "metrics":
         return dict(epsilon=a.epsilon, metric_len=a.metric_len)
     if mode == "ablate_super_weight":
@@ -186,8 +194,8 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not chosen_modes(args):
-        parser.error("choose a mode: --scan, --decompose-output, --find-mlp-subspace, --ablate-mlp-out, "
-                     "--decompose-mlp-in, --metrics or --ablate-super-weight")
+        parser.error("choose a mode: --scan, --decompose-output, --find-mlp-subspace, --ablate-mlp-out or "
+                     "--decompose-mlp-in (or --ablate-router, --metrics, --ablate-super-weight)")
     from .report.common import WRITTEN
     start = len(WRITTEN)
     try:

@@ -23,7 +23,8 @@ Site names follow TransformerLens. For block l (`blocks.{l}.<site>`), all [batch
 
 Residual and MLP sites (and attn.hook_gate) are module hooks; the other attention sites are read inside the
 attention function (capture.py). In hybrid models (Qwen3-Next), blocks without a softmax attention have no
-attention sites; their hook_attn_out is the linear token mixer's output. The MLP sites need a dense MLP.
+attention sites; their hook_attn_out is the linear token mixer's output. In a mixture of experts the MLP sites are
+computed from hook_mlp_in (read-only; moe.py): g and u of every expert, and z = w_e z^e over the experts.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import torch
 
 from .arch import (attn_out_module, get_module, has_softmax_attention, residual_scale, resolve)
 from .errors import UsageError
+from .moe import is_moe_layer
 
 RESID_SITES = ("hook_resid_pre", "hook_attn_out", "hook_mlp_in", "hook_mlp_out", "hook_resid_post",
                "mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_post")
@@ -62,10 +64,12 @@ def site_available(lm, layer: int, site: str) -> str | None:
         if site == "attn.hook_gate" and not a.has_attn_gate:
             return f"{site} needs gated attention, which {a.model_type} has not"
     if site in MLP_SITES:
+        if is_moe_layer(lm, layer):
+            return None  # computed from x by moe.py (read-only)
         path = a.gate if a.mlp_kind == "gated_fused" else a.down
-        if a.mlp_kind == "moe" or resolve(block, path) is None:
-            return (f"{site} needs a dense MLP; block {layer} of this {a.model_type} model has a mixture of experts "
-                    f"(the MoE support of issue 9 section 2 is not in yet)")
+        if resolve(block, path) is None:
+            return (f"{site} needs a dense MLP or a mixture of experts in the adapter table; block {layer} of this "
+                    f"{a.model_type} model has neither")
         if site == "mlp.hook_pre_linear" and not a.gated:
             return f"{site} exists only for gated MLPs; {a.model_type} has a plain MLP"
     return None
@@ -94,6 +98,9 @@ def locate(lm, layer: int, site: str) -> tuple[torch.nn.Module, str, str | None]
     why = site_available(lm, layer, site)
     if why:
         raise SiteUnavailable(why)
+    if site in MLP_SITES and is_moe_layer(lm, layer):
+        raise SiteUnavailable(f"{site} of block {layer} (a mixture of experts) is computed from the MLP input and "
+                              f"is read-only; edit hook_mlp_in or hook_mlp_out instead")
     sub = lambda p: get_module(block, p)  # noqa: E731
     if site == "hook_resid_pre":
         return block, "pre", None
@@ -112,7 +119,7 @@ def locate(lm, layer: int, site: str) -> tuple[torch.nn.Module, str, str | None]
     if site == "mlp.hook_pre":
         if a.mlp_kind == "gated_fused":
             return sub(a.gate), "post", "first_half"
-        return sub(a.gate if a.mlp_kind == "gated" else a.up), "post", None
+        return sub(a.gate if a.gated else a.up), "post", None
     if site == "mlp.hook_pre_linear":
         if a.mlp_kind == "gated_fused":
             return sub(a.gate), "post", "second_half"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .arch import get_module
+from .arch import get_module, resolve
 from .model import LoadedModel, wrap_model
 
 VOCAB = 260  # 256 bytes + 4 special tokens
@@ -46,19 +46,36 @@ TINY_CONFIGS: dict[str, dict] = {
                    ffn_hidden_size=96, bias=True),
 }
 # Families the table also covers, not in FAMILIES (which every mode's tests run on): multimodal Gemma 3 (its text
-# tower is gemma3_text's block), gpt-oss (learned sinks; a mixture of experts, which the MLP modes refuse until the
-# MoE support is in) and Qwen3-Next (hybrid: blocks 0 and 2 have linear attention; a dense MLP here).
-EXTRA_CONFIGS: dict[str, dict] = {
-    "gemma3": dict(num_key_value_heads=2, head_dim=16, sliding_window=6),
+# tower is gemma3_text's block), the mixtures of experts (gpt-oss also has learned sinks; tests/test_moe.py) and
+# Qwen3-Next (hybrid: blocks 0 and 2 have linear attention; a dense MLP here).
+MOE_CONFIGS: dict[str, dict] = {
+    "mixtral": dict(num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, intermediate_size=32),
+    # block 0 dense (mlp_only_layers); a gated shared expert; top-k weights not renormalised
+    "qwen2_moe": dict(num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=48, norm_topk_prob=False, mlp_only_layers=[0]),
+    "qwen3_moe": dict(num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2,
+                      moe_intermediate_size=32, norm_topk_prob=True),
+    "olmoe": dict(num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, intermediate_size=32),
+    # block 0 dense; 8 experts in 2 groups, 1 group kept; MLA with v head dim 12 != qk head dim 24
+    "deepseek_v3": dict(num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                        n_shared_experts=1, n_group=2, topk_group=1, first_k_dense_replace=1,
+                        routed_scaling_factor=2.5, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8,
+                        qk_nope_head_dim=16, v_head_dim=12, norm_topk_prob=True),
     "gpt_oss": dict(num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=6,
                     num_hidden_layers=4, rope_parameters=dict(rope_type="default", rope_theta=10000.0),
                     layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"]),
+}
+EXTRA_CONFIGS: dict[str, dict] = {
+    **MOE_CONFIGS,
+    "gemma3": dict(num_key_value_heads=2, head_dim=16, sliding_window=6),
     "qwen3_next": dict(num_key_value_heads=2, head_dim=16, num_experts=0, num_hidden_layers=4,
                        layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"],
                        linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16,
                        linear_value_head_dim=16, linear_conv_kernel_dim=2),
 }
 FAMILIES = tuple(TINY_CONFIGS)
+ROUTER_BIASES = ("bias", "e_score_correction_bias")
+ROUTER_BIAS_SD = 0.1
 ALL_FAMILIES = FAMILIES + tuple(EXTRA_CONFIGS)
 # Variants with flags that change the forward: (family, config overrides).
 VARIANTS: dict[str, tuple[str, dict]] = {
@@ -124,6 +141,14 @@ def tiny_model(model_type: str, seed: int = 0, dtype: torch.dtype = torch.float3
             for l in lm.attention_layers:
                 s = getattr(get_module(lm.layers[l], lm.adapter.attn), lm.adapter.attn_sinks)
                 s.copy_(torch.randn(s.shape, generator=torch.Generator().manual_seed(seed + l)) * 2)
+    spec = lm.adapter.moe
+    with torch.no_grad():  # router biases (gpt-oss) and DeepSeek's score correction: drawn too (init: 0)
+        for l, block in enumerate(lm.layers if spec is not None else ()):
+            router = resolve(block, spec.router) if resolve(block, spec.experts) is not None else None
+            for name in ROUTER_BIASES:
+                b = getattr(router, name, None)
+                if b is not None:
+                    b.copy_(torch.randn(b.shape, generator=torch.Generator().manual_seed(seed + l)) * ROUTER_BIAS_SD)
     return lm
 
 

@@ -171,7 +171,8 @@ def run_explain(ctx: RunContext, thresholds: ExplainThresholds | None = None, se
             what.append(steps.what_attention(obs, l, t))
         elif l not in obs.z0:
             what.append({"layer": l, "kind": "unsupported", "dims": [],
-                         "why": site_available(lm, l, "mlp.hook_post") or "no dense MLP"})
+                         "why": site_available(lm, l, "mlp.hook_post") or "a mixture of experts (explain does not "
+                                                                          "analyse experts)"})
         else:
             what.append(steps.what_mlp(lm, l, obs.z0[l], obs.x[l], labels, t, sw))
     dims = {w["layer"]: w["dims"] for w in what if w["kind"] == "mlp" and w["dims"]}

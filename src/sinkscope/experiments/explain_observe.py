@@ -23,6 +23,7 @@ from .. import stats
 from ..arch import down_weight, get_module
 from ..capture import Capture
 from ..hooks import site_available
+from ..moe import is_moe_layer
 from ..runner import QUERY_START, RunContext
 from .sinkattn import pattern_reducer
 
@@ -62,7 +63,8 @@ def _gather(positions: torch.Tensor):
 
 
 def dense_mlp(lm, layer: int) -> bool:
-    return site_available(lm, layer, "mlp.hook_post") is None and site_available(lm, layer, "hook_mlp_in") is None
+    return (not is_moe_layer(lm, layer) and site_available(lm, layer, "mlp.hook_post") is None
+            and site_available(lm, layer, "hook_mlp_in") is None)
 
 
 def _o_proj(lm, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:

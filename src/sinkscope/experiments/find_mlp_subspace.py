@@ -18,6 +18,8 @@ from ..capture import Capture
 from ..runner import RunContext, valid_rows
 from .mlp_common import (DimChoice, Table, ZStackRow, check_te_args, choose_dims, mlp_math, tokens_for,
                          zstack_row)
+from ..moe import is_moe_layer
+from .moe_subspace import run_moe_subspace
 from .mlp_residual import ResidualSection, residual_sites, run_residual_section
 
 SECTIONS = ("z", "g", "u", "residual")
@@ -166,6 +168,8 @@ def run_find_mlp_subspace(ctx: RunContext, layer: int, sections=None, tokens=(0,
                           vec_idx=None) -> FindMLPSubspaceResult:
     lm = ctx.lm
     layer = ctx.check_layer(layer)
+    if is_moe_layer(lm, layer):  # router choice, (expert, dim) decomposition, super weight: moe_subspace.py
+        return run_moe_subspace(ctx, layer, tokens, sink_tok, ref_tok, te_k, te_mass, vec_idx)
     check_te_args(te_k, te_mass)
     sections = [s for s in SECTIONS if not sections or s in sections]
     tokens = tokens_for(ctx, *tokens, sink_tok, ref_tok)

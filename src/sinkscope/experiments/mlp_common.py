@@ -13,6 +13,7 @@ import torch
 from .. import stats
 from ..arch import down_weight, get_module, in_weight, residual_scale
 from ..hooks import SiteUnavailable, site_available
+from ..moe import MoEMath, is_moe_layer
 from ..errors import UsageError
 from ..runner import RunContext
 
@@ -101,11 +102,14 @@ class MLPMath:
         return self.grad_closed_form(x, j) if self.gated else self.grad_autograd(x, j)
 
 
-def mlp_math(lm, layer: int) -> MLPMath:
-    """The dense MLP of block `layer`; a one-line UsageError for a mixture of experts (not supported yet)."""
+def mlp_math(lm, layer: int):
+    """The MLP of block `layer`: an MLPMath, or for a mixture of experts a moe.MoEMath (the flat view of every
+    expert's z, whose W_down columns are the experts' own); a one-line UsageError where there is neither."""
     why = site_available(lm, layer, "mlp.hook_post")
     if why:
-        raise SiteUnavailable(f"the MLP modes need a dense MLP: {why}")
+        raise SiteUnavailable(f"the MLP modes need a dense MLP or a mixture of experts: {why}")
+    if is_moe_layer(lm, layer):
+        return MoEMath(lm, layer)
     a = lm.adapter
     block = lm.layers[layer]
     sub = lambda p: get_module(block, p)  # noqa: E731
@@ -120,7 +124,7 @@ def mlp_math(lm, layer: int) -> MLPMath:
         F = W.shape[0] // 2
         return MLPMath(layer, "gated", W[:F], None if b is None else b[:F], W[F:], None if b is None else b[F:],
                        act, W_down)
-    if a.mlp_kind == "gated":
+    if a.gated:  # also the dense layers of MoE families
         mg, mu = sub(a.gate), sub(a.up)
         return MLPMath(layer, "gated", in_weight(mg), _bias(mg), in_weight(mu), _bias(mu), act, W_down)
     mi = sub(a.up)

@@ -66,7 +66,8 @@ class _ScanAccumulator:
         S = len(self.HEAD_STATS)
         self.h_mean, self.h_m2 = torch.zeros(S, L, T, H, **kw), torch.zeros(S, L, T, H, **kw)
         self.log_mean, self.log_m2 = torch.zeros(3, L, T, **kw), torch.zeros(3, L, T, **kw)
-        self.kv_usum = torch.zeros(2, L, T, H, d, **kw)      # sums of unit k_h[t], v_h[t]
+        self.kv_usum = torch.zeros(2, L, T, H, d, **kw)      # sums of unit k_h[t], v_h[t] (v zero-padded to d)
+        self.v_dim = torch.full((), float(d), **kw)           # v's head dim (DeepSeek's MLA: v_head_dim != d)
         self.m_usum = torch.zeros(L, T, D, **kw)             # sum of unit m[t]
         self.d, self.D = d, D
 
@@ -131,6 +132,9 @@ class _ScanAccumulator:
         for i in range(3):
             _merge_mean_var(self.log_mean[i], self.log_m2[i], self.n, logs[i], ok, nb)
         self.kv_usum[0] += _unit_sum(k, ok_a)
+        self.v_dim.fill_(v.shape[-1])
+        if v.shape[-1] < k.shape[-1]:  # zero padding leaves the unit vectors' norms and dot products as they are
+            v = torch.nn.functional.pad(v, (0, k.shape[-1] - v.shape[-1]))
         self.kv_usum[1] += _unit_sum(v, ok_a)
         self.m_usum += _unit_sum(m, ok)
         self.n += nb
@@ -150,7 +154,8 @@ class _ScanAccumulator:
             val = torch.sqrt((1.0 - (ubar * ubar).sum(-1)).clamp(min=0.0) / dim)
             return torch.where(cnt.view(*cnt.shape, *([1] * (val.dim() - cnt.dim()))) >= 2, val, float("nan"))
 
-        kv_spread = spread(s["kv_usum"], n_attn.unsqueeze(0).expand(2, *n.shape), self.d)   # [2, L, T, H]
+        kv_spread = torch.stack([spread(s["kv_usum"][0], n_attn, self.d),
+                                 spread(s["kv_usum"][1], n_attn, int(s["v_dim"]))])   # [2, L, T, H]
         m_spread = spread(s["m_usum"], n, self.D)                                      # [L, T]
         nan = float("nan")
         out = []

@@ -40,7 +40,9 @@ def module_for(result):
 
 def _load_builtin() -> None:
     from . import ablate_mlp_out, decompose_mlp_in, decompose_output, find_mlp_subspace, scan
-    for mod in (scan, decompose_output, find_mlp_subspace, ablate_mlp_out, decompose_mlp_in):
+    from . import ablate_router, moe_subspace
+    for mod in (scan, decompose_output, find_mlp_subspace, ablate_mlp_out, decompose_mlp_in, moe_subspace,
+                ablate_router):
         register(mod)
     from . import metrics, super_weight
     register(metrics)
