@@ -7,6 +7,7 @@ Variants, all on the same model, prompts, dtype and device:
               over the same length-bucketed batches and batch size as sinkscope;
   scan        sinkscope's `--scan --print qkv` (run_scan: every statistic, no plots);
   decompose   sinkscope's `--decompose-output --layer L` (run_decompose_output; it stops after block L);
+  metrics     (opt-in) sinkscope's `--metrics` (run_metrics: Gu/Sun/Yu/Guo et al.'s metrics, one pass);
   reference   the reference's way: one prompt at a time through the full causal LM (LM head included) with
               eager attention, output_attentions=True and output_hidden_states=True, the sink attention
               computed from the returned maps.
@@ -41,7 +42,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 VARIANTS = ("floor", "scan", "decompose", "reference")
-EXTRA_VARIANTS = ("explain",)   # opt-in (not in the default --variants): many passes
+EXTRA_VARIANTS = ("explain", "metrics")   # opt-in (not in the default --variants)
 CHILD_TAG = "SINKSCOPE_BENCH_CHILD "
 
 # Built-in model shapes (random init from a config written here: no download, no tokenizer).
@@ -197,6 +198,9 @@ def make_runner(name: str, lm, prompts, args, batch_size: int):
     if name == "explain":
         from sinkscope.experiments.explain import run_explain
         return lambda: run_explain(ctx())
+    if name == "metrics":  # `--metrics`: the literature metrics in one pass (target <= 1.3x floor)
+        from sinkscope.experiments.metrics import run_metrics
+        return lambda: run_metrics(ctx())
     raise SystemExit(f"bench: unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
 
 
@@ -441,7 +445,7 @@ def main(argv=None) -> int:
     med = {v: results[v]["median_s"] for v in variants}
     ratios = {}
     if "floor" in med:
-        for v in ("scan", "decompose", "reference", "explain"):
+        for v in ("scan", "decompose", "reference", "explain", "metrics"):
             if v in med:
                 ratios[f"{v}/floor"] = med[v] / med["floor"]
     if "reference" in med and "scan" in med:

@@ -12,7 +12,8 @@ checks do not pay for importing torch.
 __version__ = "0.2.0"
 
 _API = ("load", "prompts", "tokenized", "invoked_as", "scan", "decompose_output", "find_mlp_subspace",
-        "ablate_mlp_out", "decompose_mlp_in", "ablate_router", "explain", "explain_compare")
+        "ablate_mlp_out", "decompose_mlp_in", "ablate_router", "explain", "explain_compare", "metrics",
+        "ablate_super_weight")
 __all__ = [*_API, "__version__"]
 
 

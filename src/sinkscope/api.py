@@ -141,6 +141,20 @@ def ablate_router(lm, prompts=None, *, layer: int, route: str = "forbid", expert
                                                                       token=token), **run)
 
 
+def metrics(lm, prompts=None, *, epsilon: float = 0.3, metric_len: int | None = None, **run):
+    """`--metrics`: Gu, Sun, Yu and Guo et al.'s sink metrics (and secondary sinks) per layer and head, one pass.
+    metric_len: cut every prompt to its first T tokens first (Gu et al. use 64)."""
+    from .experiments.metrics import run_metrics
+    return _run("metrics", run_metrics, lm, prompts, dict(epsilon=epsilon, metric_len=metric_len), **run)
+
+
+def ablate_super_weight(lm, prompts=None, *, seed: int = 19, **run):
+    """`--ablate-super-weight`: zero Yu et al.'s super weight (restored bit-identically afterwards) and measure the
+    massive activation, the later sink attention and the loss; a UsageError on a model with no spike."""
+    from .experiments.super_weight import run_ablate_super_weight
+    return _run("ablate_super_weight", run_ablate_super_weight, lm, prompts, dict(seed=seed), **run)
+
+
 def explain(lm, prompts=None, *, thresholds=None, seed: int = 19, n_controls: int = 10, n_random: int = 2,
             metrics: bool = True, **run):
     """`sinkscope explain`: where and how the model's sink forms, tested (docs/explain.md). thresholds: an
@@ -172,4 +186,4 @@ def explain_compare(results):
 MODES = ("scan", "decompose_output", "find_mlp_subspace", "ablate_mlp_out", "decompose_mlp_in", "ablate_router")
 
 __all__ = ["load", "prompts", "tokenized", "invoked_as", *MODES]
-__all__ += ["explain", "explain_compare"]
+__all__ += ["explain", "explain_compare", "metrics", "ablate_super_weight"]

@@ -18,6 +18,7 @@ from .errors import UsageError
 
 # The modes, in the reference's dispatch order (MODES.md section 0). Every mode given on one command line runs.
 MODE_ORDER = ("decompose_mlp_in", "ablate_mlp_out", "scan", "find_mlp_subspace", "decompose_output", "ablate_router")
+MODE_ORDER += ("metrics", "ablate_super_weight")  # the literature metrics (issue 7)
 
 
 def _int_or_auto(s: str):
@@ -43,6 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="route token 0 away from (forbid) or to (force) --expert at MoE block --layer; measure the "
                         "later sink attention and the loss")
     r.add_argument("--expert", type=int, default=None, help="the expert E of --ablate-router")
+
+    # -- literature metrics (issue 7) --
+    lit = p.add_argument_group("literature metrics")
+    lit.add_argument("--metrics", action="store_true", help="Gu/Sun/Yu/Guo et al.'s sink metrics in one pass")
+    lit.add_argument("--epsilon", type=float, default=0.3, help="--metrics: Gu et al.'s threshold on alpha")
+    lit.add_argument("--metric-len", type=int, default=None, help="--metrics: cut prompts to T tokens (paper: 64)")
+    lit.add_argument("--ablate-super-weight", action="store_true",
+                     help="zero Yu et al.'s super weight; measure massive activation, later sink attention, loss")
 
     m = p.add_argument_group("model")
     m.add_argument("--model", default="smollm2-135m",
@@ -118,6 +127,10 @@ def mode_params(mode: str, a) -> dict:
         return dict(seed=a.seed, n_controls=a.n_controls, **mlp)
     if mode == "ablate_router":
         return dict(layer=a.layer, route=a.ablate_router, expert=a.expert, token=a.ablate_tok)
+    if mode == "metrics":
+        return dict(epsilon=a.epsilon, metric_len=a.metric_len)
+    if mode == "ablate_super_weight":
+        return dict(seed=a.seed)
     raise ValueError(mode)
 
 
@@ -190,7 +203,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if not chosen_modes(args):
         parser.error("choose a mode: --scan, --decompose-output, --find-mlp-subspace, --ablate-mlp-out or "
-                     "--decompose-mlp-in (or --ablate-router)")
+                     "--decompose-mlp-in (or --ablate-router, --metrics, --ablate-super-weight)")
     from .report.common import WRITTEN
     start = len(WRITTEN)
     from .scale import ranks

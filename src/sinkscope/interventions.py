@@ -1,4 +1,5 @@
-"""Interventions: context managers that edit one site of the forward pass. The weights are never touched.
+"""Interventions: context managers that edit one site of the forward pass. The weights are never touched, except
+by `zero_weight`, which zeroes one entry and restores it bit-identically on exit.
 
     with project_out_token(lm, 11, "hook_mlp_out", token=0, Q=Q):      # m_0 <- m_0 - Q Q^T m_0
         with Capture(lm, {"attn.hook_pattern": [0]}, layers=later) as cap:
@@ -98,3 +99,17 @@ def replace_token(lm, layer: int, site: str, token: int, value: torch.Tensor) ->
         return v.to(x.device).expand_as(x).clone()
     with edit_site(lm, layer, site, token_editor(token, repl)):
         yield
+
+
+@contextmanager
+def zero_weight(param: torch.nn.Parameter, index: tuple[int, ...]) -> Iterator[None]:
+    """Set one weight entry to zero for the duration of the block (Yu et al.'s super-weight ablation). The old value
+    is saved as is and written back in `finally` (bit-identical, also when the block raises)."""
+    saved = param.data[index].clone()
+    try:
+        with torch.no_grad():
+            param.data[index] = 0
+        yield
+    finally:
+        with torch.no_grad():
+            param.data[index] = saved

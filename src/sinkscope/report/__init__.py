@@ -44,6 +44,9 @@ def _load_builtin() -> None:
     for mod in (scan, decompose_output, find_mlp_subspace, ablate_mlp_out, decompose_mlp_in, moe_subspace,
                 ablate_router):
         register(mod)
+    from . import metrics, super_weight
+    register(metrics)
+    register(super_weight)
     from . import explain
     register(explain)
     register(explain.COMPARISON)
