@@ -27,3 +27,13 @@ def test_use_it_from_python_example_runs_verbatim(tmp_path):
     out = proc.stdout
     assert "[Block Output L=11]" in out and "[1229, 1487, 213]" in out
     assert "EXAMPLE-DONE" in out and (tmp_path / "results" / "find_mlp_subspace_L11.json").is_file()
+
+
+def test_architecture_table_is_the_adapter_tables_own():
+    """The README's architecture table is `arch.family_table()` verbatim: every family, its MLP kind, its norm
+    placement, what is special and, for refused variants, the reason."""
+    from sinkscope.arch import family_table
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    table = family_table()
+    assert table in text, "README.md's architecture table differs from arch.family_table(): paste it again"
+    assert "| MoE |" in table and "refused" in table.splitlines()[0]
