@@ -182,3 +182,27 @@ def test_hybrid_blocks_are_marked_in_decompose_output(family, tmp_path, capsys):
     d = _json(tmp_path / "o" / f"decompose_output_L{linear}.json")
     assert any("no softmax attention" in n for n in d["notes"]) and "no softmax attention" in out
     assert d["max_abs_y_mismatch"] < 1e-4
+
+
+def test_metrics(saved, capsys):
+    """--metrics runs on every family under the default flags: the issue's interface names, Gu et al.'s rates in
+    [0, 1] at the softmax-attention layers and N/A elsewhere, p_sink only with learned sinks, strict JSON."""
+    family, folder, *_ = saved
+    rc, out, err, od = run(saved, ["--metrics", "--metric-len", "16"], capsys, "metrics")
+    assert rc == 0, err
+    d = _json(od / "metrics.json")
+    for key in ("gu_alpha", "gu_sink_rate", "gu_sink_rate_model", "epsilon", "massive", "massive_median",
+                "super_weight", "dormant_frac", "secondary_sinks"):
+        assert key in d, key
+    lm = load_model(folder, device="cpu")
+    attn, H = set(lm.attention_layers), lm.config.num_attention_heads
+    assert len(d["gu_sink_rate"]) == lm.n_layers
+    for layer, rate in enumerate(d["gu_sink_rate"]):
+        if layer in attn:
+            assert 0 <= rate <= 1 and len(d["gu_alpha"][layer]) == H
+            assert all(0 <= a <= 1 for a in d["gu_alpha"][layer])
+        else:
+            assert rate is None and d["gu_alpha"][layer] is None
+    assert 0 <= d["gu_sink_rate_model"] <= 1 and d["epsilon"] == 0.3
+    assert (d["p_sink"] is not None) == ADAPTERS[family].has_learned_sinks
+    assert "Gu et al." in out
