@@ -318,3 +318,17 @@ def test_default_model_super_weight_at_layer_11(default_lm):
     sw = find_super_weight(ctx)["super_weight"]
     assert sw["layer"] == 11 and sw["col"] in {1229, 1487, 213}
     assert sw["z_max"] > 1000 and sw["out_max"] > 1e4
+
+
+@pytest.mark.parametrize("n", [20_000, 20_001, 4 * lit._MEDIAN_SAMPLE + 1])
+def test_median_abs_bracketed_path_equals_numpy(n):
+    """Above 4 x _MEDIAN_SAMPLE values the median is found inside a sampled bracket: still numpy's exact median
+    (mean of the two middle values for an even count), ties and a heavy tail included."""
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, generator=g) * torch.rand(n, generator=g) ** 4
+    x[: n // 10] = 0.5                                                      # a block of ties near the middle
+    x = x[torch.randperm(n, generator=g)]
+    h = x.reshape(1, 1, n)
+    assert n > 4 * lit._MEDIAN_SAMPLE
+    assert lit.median_abs(h, torch.tensor([1])).item() == pytest.approx(float(np.median(np.abs(x.numpy()))),
+                                                                         rel=1e-7)

@@ -56,13 +56,13 @@ def gu_sink_fraction(alpha_k: torch.Tensor, epsilon: float = GU_EPSILON) -> torc
 
 # -- Sun et al. 2024 --------------------------------------------------------------------------------------------
 
-_MEDIAN_SAMPLE = 1024     # median_abs: a strided sample of about this many values brackets the median first
+_MEDIAN_SAMPLE = 2048     # median_abs: a strided sample of about this many values brackets the median first
 
 
 def _median_1d(x: torch.Tensor) -> torch.Tensor:
     """The exact median of a 1-D tensor (mean of the two middle values for an even count). A strided sample
-    brackets the middle ranks, so only the values inside the bracket are sorted; if the bracket misses, the
-    whole tensor is searched by selection (same result, slower)."""
+    brackets the middle ranks, so only the values inside the bracket are searched (by selection); if the bracket
+    misses, the whole tensor is searched (same result, slower)."""
     n = x.numel()
     k1, k2 = (n + 1) // 2, n // 2 + 1                                          # 1-based middle ranks
     if n > 4 * _MEDIAN_SAMPLE:
@@ -72,9 +72,10 @@ def _median_1d(x: torch.Tensor) -> torch.Tensor:
         lo_b = sample.kthvalue(max(1, int(m / 2 - half))).values
         hi_b = sample.kthvalue(min(m, int(m / 2 + half) + 1)).values
         below = int((x < lo_b).sum())
-        inside = x[(x >= lo_b) & (x <= hi_b)].sort().values
+        inside = x[(x >= lo_b) & (x <= hi_b)]
         if below < k1 and below + inside.numel() >= k2:
-            return (inside[k1 - below - 1] + inside[k2 - below - 1]) / 2
+            v1 = inside.kthvalue(k1 - below).values
+            return v1 if k1 == k2 else (v1 + inside.kthvalue(k2 - below).values) / 2
     v1 = x.kthvalue(k1).values
     return v1 if k1 == k2 else (v1 + x.kthvalue(k2).values) / 2
 
