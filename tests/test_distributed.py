@@ -190,6 +190,16 @@ def test_scale_flags_bad_input_one_line(tmp_path):
         assert r.returncode == 2 and r.stderr.startswith("sinkscope: error:") and "Traceback" not in r.stderr, r.stderr
 
 
+def test_bad_flag_under_torchrun_is_reported_once(tmp_path):
+    """Under torchrun every rank refuses a bad flag with exit 2, and only rank 0 prints the one-line error."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": SRC}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                        "-m", "sinkscope", "--scan", "--max-memory", "x", "--outdir", str(tmp_path)],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert r.stderr.count("sinkscope: error: --max-memory") == 1, r.stderr[-2000:]
+
+
 def test_disk_offload_gives_the_same_scan(tmp_path):
     """--max-memory cpu=40KiB --offload-folder: a tiny model's weights all go to disk (accelerate) and the scan
     is unchanged."""

@@ -161,6 +161,8 @@ def run(args, argv: list[str]) -> int:
     from .arch import text_config
     from .model import read_config
 
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # transformers' loading/converting bars are noise here; our own bars stay
     modes = chosen_modes(args)
     params = {m: mode_params(m, args) for m in modes}
     check_run_args(args)
@@ -175,8 +177,6 @@ def run(args, argv: list[str]) -> int:
         checks.check_against_config(m, params[m], text_config(config))
 
     t0 = time.time()
-    from transformers.utils import logging as hf_logging
-    hf_logging.disable_progress_bar()  # the weight-loading bar is noise here; our own bars stay
     lm = api.load(args.model, dtype=args.dtype, attn_impl=args.attn_impl, **scale.load_kwargs(args))
     print(f"[model] {args.model} ({lm.adapter.model_type}, {lm.n_layers} layers, {lm.dtype}, {lm.device}, "
           f"attention {lm.attn_implementation}) loaded in {time.time() - t0:.1f}s from {lm.source}", file=sys.stderr)
@@ -211,7 +211,9 @@ def main(argv=None) -> int:
         with ranks(args):                             # torchrun: torch.distributed for the whole run
             return run(args, argv)
     except UsageError as err:
-        print(f"sinkscope: error: {err}", file=sys.stderr)
+        from .distributed import env_is_main
+        if env_is_main():                             # torchrun: one error line, not one per rank
+            print(f"sinkscope: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         done = [str(p) for p in WRITTEN[start:]]

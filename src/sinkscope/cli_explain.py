@@ -116,10 +116,10 @@ def run(args, argv: list[str]) -> int:
     scale.check_flags(args)
     outdir = checks.check_outdir(args.outdir)
     prompt_set = api.prompts(args.prompt_file, bos=args.bos, max_prompts=args.max_prompts)
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()           # before the configs: the first GGUF conversion happens there
     for name in models:                         # configs only: a bad model fails before any weights load
         _check_layers(name)
-    from transformers.utils import logging as hf_logging
-    hf_logging.disable_progress_bar()
     results = []
     with api.invoked_as(["explain", *argv]):
         for name in models:
@@ -158,7 +158,9 @@ def main(argv=None) -> int:
         with ranks(args):                             # torchrun: torch.distributed for the whole run
             return run(args, argv)
     except UsageError as err:
-        print(f"sinkscope: error: {err}", file=sys.stderr)
+        from .distributed import env_is_main
+        if env_is_main():                             # torchrun: one error line, not one per rank
+            print(f"sinkscope: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         done = [str(p) for p in WRITTEN[start:]]

@@ -33,6 +33,11 @@ def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def env_is_main() -> bool:
+    """Rank 0 by torchrun's environment (also before setup and after teardown): who reports errors."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def setup(device: str = "auto") -> bool:
     """Initialise the process group from torchrun's environment (if launched by torchrun with more than one
     process and not yet initialised). NCCL when this rank uses a CUDA device, gloo otherwise. Returns whether
