@@ -90,15 +90,20 @@ if [ "$MODE" = gpu ] && ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.
 fi
 
 FAILED=0
-step() {  # step NAME LIMIT_S ARGS...
-  local name="$1" limit="$2"; shift 2
-  local now left
-  now=$(date +%s); left=$(( BUDGET - (now - START) ))
+budgeted() {  # budgeted NAME LIMIT_S: prints LIMIT_S capped by the time left, or notes the skip and fails
+  local name="$1" limit="$2" left
+  left=$(( BUDGET - ($(date +%s) - START) ))
   if [ "$left" -lt 20 ]; then
-    echo "[gpu_check] SKIPPED $name: the time budget ($BUDGET s) is spent" | tee -a "$LOG"
-    return
+    echo "[gpu_check] SKIPPED $name: the time budget ($BUDGET s) is spent" | tee -a "$LOG" >&2
+    return 1
   fi
   [ "$limit" -gt "$left" ] && limit=$left
+  echo "$limit"
+}
+
+step() {  # step NAME LIMIT_S ARGS...
+  local name="$1" limit
+  limit=$(budgeted "$1" "$2") || return 0; shift 2
   echo "[gpu_check] step $name (limit ${limit}s)" | tee -a "$LOG"
   if ! timeout --kill-after=10 "$limit" "$PY" bench/bench.py "${MODEL[@]}" "$@" --label "$name" \
         --json "$OUT/$name.json" >> "$LOG" 2>&1; then
@@ -115,14 +120,8 @@ step "reference-$REF_LONG" "$T4" --seq-len "$REF_LONG" --n-prompts 1 --variants 
 fi
 
 scale_step() {  # scale_step NAME LIMIT ARGS... : bench/scale_bench.py, its printout kept in OUT/scale/NAME.txt
-  local name="$1" limit="$2"; shift 2
-  local now left
-  now=$(date +%s); left=$(( BUDGET - (now - START) ))
-  if [ "$left" -lt 20 ]; then
-    echo "[gpu_check] SKIPPED $name: the time budget ($BUDGET s) is spent" | tee -a "$LOG"
-    return
-  fi
-  [ "$limit" -gt "$left" ] && limit=$left
+  local name="$1" limit
+  limit=$(budgeted "$1" "$2") || return 0; shift 2
   mkdir -p "$OUT/scale"          # not OUT itself: summarize.py reads every OUT/*.json as a bench.py result
   echo "[gpu_check] step $name (limit ${limit}s)" | tee -a "$LOG"
   if ! timeout --kill-after=10 "$limit" "$PY" bench/scale_bench.py "$@" --json "$OUT/scale/$name.json" \

@@ -5,7 +5,6 @@ and multimodal Gemma 3 (wrong adapter row) crashing while the in-memory tests pa
 
 Each mode must exit 0 and write sane JSON (on a mixture of experts too: tests/test_moe.py goes further)."""
 
-import json
 import math
 
 import pytest
@@ -13,7 +12,7 @@ import pytest
 from sinkscope.arch import ADAPTERS
 from sinkscope.cli import main
 from sinkscope.model import load_model
-from sinkscope.testing import ALL_FAMILIES, save_tiny_model
+from sinkscope.testing import ALL_FAMILIES, read_strict_json, run_cli, save_tiny_model
 
 PROMPTS = ["Attention sinks form early in the stack of layers.",
            "The quick brown fox jumps over the lazy dog again.",
@@ -41,15 +40,10 @@ def _moe(family: str) -> bool:
 
 def run(saved, args, capsys, outdir: str):
     family, folder, prompts, root = saved
-    rc = main(args + ["--model", folder, "--prompt-file", prompts, "--outdir", str(root / outdir), "--no-progress",
-                      "--no-plots"])
-    cap = capsys.readouterr()
-    assert "Traceback" not in cap.err
-    return rc, cap.out, cap.err, root / outdir
+    return run_cli(args, folder, prompts, root / outdir, capsys)
 
 
-def _json(path):
-    return json.loads(path.read_text(encoding="utf-8"), parse_constant=lambda c: pytest.fail(f"{c} in {path}"))
+_json = read_strict_json
 
 
 def _finite(x) -> bool:

@@ -1,7 +1,6 @@
 """The literature metrics (--metrics) and the super-weight ablation: every metric against a hand-computed value,
 run_metrics against a brute-force eager computation, the planted super weight, the CLI and its bad input."""
 
-import json
 import math
 
 import numpy as np
@@ -15,7 +14,7 @@ from sinkscope.experiments import litmetrics as lit
 from sinkscope.experiments.metrics import run_metrics
 from sinkscope.interventions import zero_weight
 from sinkscope.runner import RunContext
-from sinkscope.testing import save_tiny_model, tiny_model
+from sinkscope.testing import read_strict_json, save_tiny_model, tiny_model
 
 PROMPTS = ["The cat sat. On the mat", "A b", "hello world, this is longer text\nwith a newline", "xyz q"]
 
@@ -275,10 +274,7 @@ def tiny_dir(tmp_path_factory):
     return str(save_tiny_model("llama", tmp_path_factory.mktemp("m") / "tiny"))
 
 
-def _strict(path):
-    def bad(x):
-        raise ValueError(f"non-strict JSON constant {x}")
-    return json.loads(path.read_text(), parse_constant=bad)
+_strict = read_strict_json
 
 
 def test_cli_metrics_writes_strict_json_with_the_interface_names(tiny_dir, tmp_path, capsys):

@@ -3,8 +3,6 @@ save_pretrained and run through the CLI under the default flags; routing, per-ex
 decomposition checked against the model's own modules (its router output, its experts' weights and activation,
 its MoE block output), the routing ablations against hand-computed routing, and every intervention undone."""
 
-import json
-
 import pytest
 import torch
 
@@ -16,7 +14,7 @@ from sinkscope.cli import main
 from sinkscope.model import load_model
 from sinkscope.moe import MoEMath, is_moe_layer, moe_layers, steer_router
 from sinkscope.promptset import make_batches, tokenize
-from sinkscope.testing import MOE_CONFIGS, save_tiny_model
+from sinkscope.testing import MOE_CONFIGS, read_strict_json, run_cli, save_tiny_model
 
 PROMPTS = ["Attention sinks form early in the stack of layers.",
            "The quick brown fox jumps over the lazy dog again.",
@@ -39,15 +37,10 @@ def fam(request, tmp_path_factory):
 
 def _cli(fam, args, capsys, outdir):
     _, folder, prompts, root, _, _ = fam
-    rc = main(args + ["--model", folder, "--prompt-file", prompts, "--outdir", str(root / outdir), "--no-progress",
-                      "--no-plots"])
-    cap = capsys.readouterr()
-    assert "Traceback" not in cap.err
-    return rc, cap.out, cap.err, root / outdir
+    return run_cli(args, folder, prompts, root / outdir, capsys)
 
 
-def _json(path):
-    return json.loads(path.read_text(encoding="utf-8"), parse_constant=lambda c: pytest.fail(f"{c} in {path}"))
+_json = read_strict_json
 
 
 def _router_io(lm, batch, layer):

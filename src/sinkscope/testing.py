@@ -4,10 +4,12 @@ Used by the test suite and the benchmark's CPU dry run; handy for checking a new
 
     lm = tiny_model("qwen3")                      # a LoadedModel, fp32, 2 layers
     save_tiny_model("gpt2", "/tmp/tiny-gpt2")     # a folder that `--model /tmp/tiny-gpt2` loads
+    run_cli(["--scan"], "/tmp/tiny-gpt2", "prompts.txt", "out", capsys)   # the CLI as a user runs it, in a test
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -158,3 +160,22 @@ def save_tiny_model(model_type: str, folder: str | Path, seed: int = 0, **overri
     lm.model.save_pretrained(folder)
     lm.tokenizer.save_pretrained(folder)
     return folder
+
+
+def read_strict_json(path: str | Path):
+    """A JSON file parsed strictly: a NaN or Infinity token (sinkscope writes null instead) raises ValueError."""
+    def bad(constant):
+        raise ValueError(f"non-strict JSON constant {constant} in {path}")
+    return json.loads(Path(path).read_text(encoding="utf-8"), parse_constant=bad)
+
+
+def run_cli(args: list[str], model: str, prompts: str, outdir: str | Path, capsys) -> tuple:
+    """`sinkscope ARGS --model MODEL --prompt-file PROMPTS --outdir OUTDIR --no-progress --no-plots` in-process,
+    every other flag at its default (the way family tests load a saved model). capsys: pytest's fixture.
+    Returns (exit code, stdout, stderr, outdir); a traceback on stderr is an AssertionError."""
+    from .cli import main
+    rc = main(list(args) + ["--model", str(model), "--prompt-file", str(prompts), "--outdir", str(outdir),
+                            "--no-progress", "--no-plots"])
+    cap = capsys.readouterr()
+    assert "Traceback" not in cap.err, cap.err
+    return rc, cap.out, cap.err, Path(outdir)
