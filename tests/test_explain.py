@@ -15,7 +15,6 @@ import torch
 
 from sinkscope import api, stats
 from sinkscope.errors import UsageError
-from sinkscope.experiments import explain_ablate as ea
 from sinkscope.experiments import explain_stats as es
 from sinkscope.experiments.explain import run_explain
 from sinkscope.experiments.explain_core import ExplainThresholds
@@ -124,10 +123,10 @@ def test_random_positions_seeded_in_range_and_exclusive():
 
 def test_bootstrap_ci_covers_the_mean_and_is_seeded():
     v = np.random.default_rng(0).normal(1.0, 0.5, size=60)
-    lo, hi = ea.bootstrap_ci(v, seed=3)                   # explain's CIs are stats.bootstrap_ci's
+    lo, hi = stats.bootstrap_ci(v, seed=3)                # explain's CIs (explain_ablate calls this)
     assert lo < v.mean() < hi and hi - lo < 0.5
-    assert [lo, hi] == ea.bootstrap_ci(v, seed=3) == stats.bootstrap_ci(v, seed=3)
-    assert ea.bootstrap_ci([2.0, float("nan")], seed=0) == [2.0, 2.0]
+    assert [lo, hi] == stats.bootstrap_ci(v, seed=3)
+    assert stats.bootstrap_ci([2.0, float("nan")], seed=0) == [2.0, 2.0]
 
 
 def test_thresholds_checked_and_overridable():
@@ -258,27 +257,19 @@ def test_planted_geometric_matches_decompose_mlp_in(planted):
     assert tok8["d"] == pytest.approx(sign * d.cohens_d, rel=1e-4)
 
 
-def test_planted_loss_and_metrics_where_the_build_has_them(planted):
-    """With the metrics issue merged: the loss per run with CIs, and Gu/Sun/Yu numbers; without it: said so."""
-    from sinkscope.experiments.explain import metrics_supported
-    from sinkscope.experiments.explain_ablate import loss_supported
+def test_planted_loss_and_metrics(planted):
+    """The loss per run with CIs, and Gu/Sun/Yu numbers from the metrics pass."""
     lm, ctx, r = planted
     a = r.steps["A_causal"]
     runs = {x["kind"]: x for x in a["runs"]}
-    if loss_supported():
-        assert all(math.isfinite(x["loss"]) and x["loss"] > 0 for x in a["runs"])
-        lo, hi = runs["joint"]["loss_change_ci95"]
-        assert lo <= runs["joint"]["loss_change"] <= hi
-        assert len(a["controls"]["loss"]) == 4 and a["controls"]["loss_effect"]["values"] == a["controls"]["loss"]
-        assert r.claim("A_causal").numbers["loss"]["baseline"] == runs["baseline"]["loss"]
-    else:
-        assert all(x["loss"] is None for x in a["runs"]) and "loss_note" in a
-    if metrics_supported():
-        m = r.steps["metrics"]
-        assert 0 <= m["gu_sink_rate_model"] <= 1 and len(m["gu_sink_rate"]) == lm.n_layers
-        assert r.steps["where"]["secondary_sinks"] is not None
-    else:
-        assert r.steps["metrics"] is None and any(n.startswith("literature metrics") for n in r.notes)
+    assert all(math.isfinite(x["loss"]) and x["loss"] > 0 for x in a["runs"])
+    lo, hi = runs["joint"]["loss_change_ci95"]
+    assert lo <= runs["joint"]["loss_change"] <= hi
+    assert len(a["controls"]["loss"]) == 4 and a["controls"]["loss_effect"]["values"] == a["controls"]["loss"]
+    assert r.claim("A_causal").numbers["loss"]["baseline"] == runs["baseline"]["loss"]
+    m = r.steps["metrics"]
+    assert 0 <= m["gu_sink_rate_model"] <= 1 and len(m["gu_sink_rate"]) == lm.n_layers
+    assert r.steps["where"]["secondary_sinks"] is not None
 
 
 def test_one_labelled_progress_bar_per_step(planted, capsys):
@@ -286,8 +277,7 @@ def test_one_labelled_progress_bar_per_step(planted, capsys):
     ctx = RunContext(lm, api.tokenized(lm, api.prompts(PROMPTS, bos="always")), batch_size=2, progress=True)
     run_explain(ctx, n_controls=1)
     err = capsys.readouterr().err
-    from sinkscope.experiments.explain_ablate import loss_supported
-    n = 3 + loss_supported()                                        # joint, magnitude, 1 control (+ a loss baseline)
+    n = 4                                                           # a loss baseline, joint, magnitude, 1 control
     for label in ("explain 1/5 where: one pass, every layer", f"explain 4/5 (A) causal: {n} passes",
                   "explain 5/5 (B) geometric: shuffled prompts"):
         assert label in err, err[-2000:]
@@ -530,9 +520,8 @@ def test_default_model_meta_and_cost(default_report):
     assert meta["model"]["fingerprint"] and meta["model"]["dtype"] == "float32"
     assert meta["prompts"]["source"] == "prose56.txt" and len(meta["prompts"]["sha256"]) == 64
     assert meta["seed"] == 19
-    from sinkscope.experiments.explain_ablate import loss_supported
-    # joint, magnitude, 10 controls (and a baseline with the loss, once the loss can be measured)
-    assert data["passes"]["where"] == 1 and data["passes"]["A_causal"] == 12 + loss_supported()
+    # a baseline with the loss, joint, magnitude, 10 controls
+    assert data["passes"]["where"] == 1 and data["passes"]["A_causal"] == 13
 
 
 # -- the second real model: Gemma-3-270M (GGUF from PyPI), checked against plain hooks --------------------------------

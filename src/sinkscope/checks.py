@@ -24,7 +24,8 @@ EXPERT_COUNT_ATTRS = ("num_local_experts", "num_experts", "n_routed_experts")
 RANDOM_CONTROL_MODES = ("ablate_mlp_out", "decompose_mlp_in")
 
 
-def _int(name: str, v, lo: int | None = None, hi: int | None = None) -> None:
+def check_int(name: str, v, lo: int | None = None, hi: int | None = None) -> None:
+    """A flag value that must be an integer in [lo, hi] (either bound optional); else a one-line UsageError."""
     if isinstance(v, bool) or not isinstance(v, int):
         raise UsageError(f"{name} must be an integer, not {v!r}")
     if lo is not None and v < lo:
@@ -47,11 +48,11 @@ def check_params(mode: str, p: dict) -> None:
     """Pure checks of one mode's keyword arguments (the names of the API functions in api.py)."""
     for key in ("seed",):
         if p.get(key) is not None:
-            _int(_flag(key), p[key], 0, SEED_MAX)
+            check_int(_flag(key), p[key], 0, SEED_MAX)
     for key, lo in (("interval", 1), ("te_k", 1), ("n_controls", 1), ("metric_len", 2), ("heatmap_size", 1),
                     ("heatmap_head", 0), ("sink_tok", 0), ("ref_tok", 0), ("n_random", 1)):
         if p.get(key) is not None:
-            _int(_flag(key), p[key], lo)
+            check_int(_flag(key), p[key], lo)
     for key in ("sinks", "tokens", "vec_idx"):
         vals = p.get(key)
         if vals is None:
@@ -59,7 +60,7 @@ def check_params(mode: str, p: dict) -> None:
         if len(vals) == 0:
             raise UsageError(f"{_flag(key)} needs at least one value")
         for v in vals:
-            _int(_flag(key), v, 0)
+            check_int(_flag(key), v, 0)
     if p.get("vec_idx") is not None and len(set(p["vec_idx"])) != len(p["vec_idx"]):
         raise UsageError(f"--vec-idx has repeated dims: {' '.join(map(str, p['vec_idx']))}")
     if p.get("te_mass") is not None and not 0.0 <= float(p["te_mass"]) <= 1.0:
@@ -80,7 +81,7 @@ def check_params(mode: str, p: dict) -> None:
             raise UsageError(f"--ablate-router must be forbid or force, not {p.get('route')!r}")
         if p.get("expert") is None:
             raise UsageError("--ablate-router needs --expert E (the expert to forbid or force)")
-        _int("--expert", p["expert"], 0)
+        check_int("--expert", p["expert"], 0)
         if p.get("token", 0) != 0:
             raise UsageError(f"--ablate-router measures the sink at token 0; --ablate-tok must be 0, not {p['token']}")
     if mode == "decompose_mlp_in" and p.get("sink_tok") == p.get("ref_tok"):
@@ -106,7 +107,7 @@ def check_against_config(mode: str, p: dict, config) -> None:
     n_experts = next((v for v in (getattr(config, a, None) for a in EXPERT_COUNT_ATTRS) if isinstance(v, int)), 0)
     if L and p.get("layer") is not None:
         layer = p["layer"]
-        _int("--layer", layer)
+        check_int("--layer", layer)
         if not -L <= layer < L:
             raise UsageError(f"--layer {layer} is out of range: this model has layers 0..{L - 1}")
         if mode in RANDOM_CONTROL_MODES and layer % L == L - 1:

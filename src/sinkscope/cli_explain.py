@@ -79,6 +79,7 @@ def _same_model(a: str, b: str) -> bool:
 def check_args(args):
     """Every value, before any file or model is read; returns the thresholds."""
     from .experiments.explain_core import ExplainThresholds
+    from .checks import check_int
     from .promptset import check_seed
     models = args.model or ["smollm2-135m"]
     for i, a in enumerate(models):
@@ -90,10 +91,8 @@ def check_args(args):
     check_seed(args.seed, "--seed")
     if args.batch_size != "auto" and args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1 or auto, not {args.batch_size}")
-    if args.n_controls < 1:
-        raise UsageError(f"--n-controls must be >= 1, not {args.n_controls}")
-    if args.n_random < 1:
-        raise UsageError(f"--n-random must be >= 1, not {args.n_random}")
+    check_int("--n-controls", args.n_controls, 1)
+    check_int("--n-random", args.n_random, 1)
     if args.max_prompts is not None and args.max_prompts < 2:
         raise UsageError(f"--max-prompts must be >= 2 (explain compares prompts), not {args.max_prompts}")
     th = ExplainThresholds(**{n: getattr(args, n) for n in ExplainThresholds.names()})

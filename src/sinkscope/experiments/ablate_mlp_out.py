@@ -28,13 +28,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..checks import check_int
 from ..result import Result
 from .. import distributed, stats
 from ..arch import get_module
 from ..interventions import edit_sites, project_out_token, scale_token
 from ..runner import RunContext
 from .mlp_common import Table, check_te_args, choose_dims, mlp_math, tokens_for
-from .effects import Outcome, check_n_controls, control_seeds, summarise
+from .effects import Outcome, control_seeds, summarise
 from .sinkattn import SinkSeries, later_layers, run_sink_pass, series_rows
 
 MAG_CAP = 1.0       # magnitude mode never increases the norm (the reference's cap)
@@ -109,7 +110,7 @@ def run_ablate_mlp_out(ctx: RunContext, layer: int, mode: str, sink_tok: int = 0
     layer = ctx.check_layer(layer)
     layers = later_layers(ctx, layer)
     check_te_args(te_k, te_mass)
-    check_n_controls(n_controls)
+    check_int("--n-controls", n_controls, 1)
     tokens_for(ctx, sink_tok, ref_tok)
     mm = mlp_math(lm, layer)
     lengths = torch.tensor(ctx.prompts.lengths)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..checks import check_int
 from ..result import Result
 from .. import stats
 from ..interventions import project_out_token
@@ -27,7 +28,7 @@ from ..errors import UsageError
 from ..runner import RunContext, valid_rows
 from .find_mlp_subspace import capture_mlp
 from .mlp_common import Table, ZStackRow, check_te_args, choose_dims, mlp_math, tokens_for, zstack_row
-from .effects import Outcome, check_n_controls, control_seeds, summarise
+from .effects import Outcome, control_seeds, summarise
 from .sinkattn import later_layers, run_sink_pass, series_rows
 
 N_PERM = 10000
@@ -107,7 +108,7 @@ def run_decompose_mlp_in(ctx: RunContext, layer: int, sink_tok: int = 0, ref_tok
     layer = ctx.check_layer(layer)
     layers = later_layers(ctx, layer)
     check_te_args(te_k, te_mass)
-    check_n_controls(n_controls)
+    check_int("--n-controls", n_controls, 1)
     tokens = tokens_for(ctx, sink_tok, ref_tok)
     n_both = sum(1 for n in ctx.prompts.lengths if n > max(sink_tok, ref_tok))
     if n_both < 2:

@@ -102,13 +102,6 @@ def control_summary(series_list, baseline, metrics=None, seed: int = 19, name: s
 
 # -- an intervention mode's summary: the ablation(s) and N seeded random controls against one baseline ----------
 
-def check_n_controls(n) -> int:
-    from ..errors import UsageError
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise UsageError(f"--n-controls must be an integer >= 1, not {n!r}")
-    return n
-
-
 def control_seeds(seed: int, n: int) -> list[int]:
     """Seeds of n random controls: the first is `seed` itself (the reference's single control), the others are
     drawn from numpy's SeedSequence([seed, c]), so another seed gives a different set, not a shifted one."""

@@ -28,13 +28,13 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import distributed
-from ..checks import ffn_width
+from ..checks import check_int, ffn_width
 from ..errors import UsageError
 from ..promptset import fit_to_model, tokenize
 from ..runner import RunContext
 from . import explain_stats as es
 from . import explain_steps as steps
-from .explain_ablate import loss_supported, n_passes, run_causal
+from .explain_ablate import n_passes, run_causal
 from .explain_core import ExplainComparison, ExplainResult, ExplainThresholds
 from ..hooks import site_available
 from .explain_observe import XZ_BUDGET_BYTES, dense_mlp, observe, xz_bytes
@@ -45,20 +45,10 @@ FIXED_TOKENS = (0, 1, 8)
 N_STEPS = 5
 
 
-# -- METRICS PLUG-IN (issue 7): Gu et al.'s Sink_1^eps, secondary sinks and the super weight -----------------------
+# -- the literature metrics (--metrics): Gu et al.'s Sink_1^eps, secondary sinks and the super weight ---------------
 
-def metrics_supported() -> bool:
-    try:
-        from . import metrics  # noqa: F401
-    except ImportError:
-        return False
-    return hasattr(metrics, "run_metrics")
-
-
-def run_metrics_numbers(ctx: RunContext, epsilon: float) -> dict | None:
-    """The metrics explain reports, from `run_metrics` (None until the metrics issue is merged)."""
-    if not metrics_supported():
-        return None
+def run_metrics_numbers(ctx: RunContext, epsilon: float) -> dict:
+    """The metrics explain reports, from `run_metrics` ({"unavailable": why} where the model cannot run it)."""
     from .metrics import run_metrics
     try:
         res = run_metrics(ctx, epsilon=epsilon)
@@ -66,7 +56,7 @@ def run_metrics_numbers(ctx: RunContext, epsilon: float) -> dict | None:
         return {"unavailable": str(err)}
     keep = ("gu_sink_rate_model", "gu_sink_rate", "super_weight", "secondary_sinks", "massive_first_layer",
             "massive_dims", "epsilon")
-    return {k: getattr(res, k) for k in keep if hasattr(res, k)}
+    return {k: getattr(res, k) for k in keep}
 
 
 # -- progress: one labelled bar per step ----------------------------------------------------------------------------
@@ -123,8 +113,7 @@ def run_explain(ctx: RunContext, thresholds: ExplainThresholds | None = None, se
     t = (thresholds or ExplainThresholds()).check()
     lm = ctx.lm
     check_model(lm)
-    if n_controls < 1:
-        raise UsageError(f"--n-controls must be >= 1, not {n_controls}")
+    check_int("--n-controls", n_controls, 1)
     L, N = lm.n_layers, len(ctx.prompts)
     lengths = ctx.prompts.lengths
     positions, labels = _positions(lengths, n_random, seed)
@@ -140,7 +129,7 @@ def run_explain(ctx: RunContext, thresholds: ExplainThresholds | None = None, se
     where = steps.where(obs, t, token0)
     births = where["birth_layers"]
     metric_numbers = None
-    if metrics and metrics_supported():
+    if metrics:
         with step_bar(ctx, f"explain 1/{N_STEPS} where: literature metrics", 1, seconds, "metrics"):
             metric_numbers = run_metrics_numbers(ctx, t.epsilon)
         passes["metrics"] = 1.0
@@ -216,8 +205,6 @@ def run_explain(ctx: RunContext, thresholds: ExplainThresholds | None = None, se
             causal = {"skipped": None, **run_causal(ctx, dims, later, obs.sink[:, later], n_controls, seed,
                                                     with_loss=with_loss)}
         passes["A_causal"] = float(n)
-        if with_loss and not loss_supported():
-            causal["loss_note"] = "the loss is not measured in this build (it comes with the metrics issue)"
 
     res = ExplainResult(
         model=lm.name, model_type=lm.adapter.model_type, n_layers=L, n_prompts=N, seed=seed, thresholds=t,
@@ -226,8 +213,7 @@ def run_explain(ctx: RunContext, thresholds: ExplainThresholds | None = None, se
                "metrics": metric_numbers},
         passes=passes, seconds=seconds, notes=list(dict.fromkeys(list(ctx.notes) + notes)))
     if metric_numbers is None and not any(n.startswith("literature metrics") for n in res.notes):
-        res.notes.append("literature metrics (Sink_1^eps, secondary sinks, super weight): not available in this "
-                         "build" if not metrics_supported() else "literature metrics: not run (metrics=False)")
+        res.notes.append("literature metrics: not run (metrics=False)")
     if not keep_xz:
         res.notes.append("x and z were too large to keep for every layer: a second, partial pass read them at the "
                          "birth layers")

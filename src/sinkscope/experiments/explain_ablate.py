@@ -17,7 +17,6 @@ measured, which needs a baseline run of its own.
 
 from __future__ import annotations
 
-import inspect
 from contextlib import ExitStack, contextmanager
 
 import torch
@@ -36,24 +35,10 @@ REF_TOK = 8
 
 # -- the loss and the bootstrap CIs (loss.py, stats.bootstrap_ci, effects.py) -----------------------------------------
 
-def loss_supported() -> bool:
-    """True when `run_sink_pass` can also measure the next-token loss (`with_loss=True`)."""
-    return "with_loss" in inspect.signature(run_sink_pass).parameters
-
-
 def sink_pass(ctx: RunContext, layers, *, edit=None, eligible=None, desc: str, with_loss: bool):
-    """run_sink_pass on key 0, with the loss when supported; returns (SinkSeries, loss or None)."""
-    kw = {"with_loss": True} if with_loss and loss_supported() else {}
-    s = run_sink_pass(ctx, layers, 0, edit=edit, eligible=eligible, desc=desc, **kw)
-    loss = getattr(s, "loss", None)
-    if isinstance(loss, dict):  # tolerate {"mean": ...} as well as a float
-        loss = loss.get("mean")
-    return s, None if loss is None else float(loss)
-
-
-def bootstrap_ci(values, seed: int) -> list[float]:
-    """95% percentile bootstrap CI over prompts of a mean (stats.bootstrap_ci)."""
-    return stats.bootstrap_ci(values, seed=seed)
+    """run_sink_pass on key 0, optionally with the loss; returns (SinkSeries, mean loss or None)."""
+    s = run_sink_pass(ctx, layers, 0, edit=edit, eligible=eligible, desc=desc, with_loss=with_loss)
+    return s, s.loss if with_loss else None
 
 
 def loss_effect(variant, baseline, seed: int) -> dict:
@@ -113,7 +98,7 @@ def bases_for(lm, dims_by_layer: dict) -> tuple[dict, dict]:
 
 
 def n_passes(n_birth: int, n_controls: int, with_loss: bool) -> int:
-    return (n_birth if n_birth > 1 else 0) + 1 + 1 + n_controls + (1 if with_loss and loss_supported() else 0)
+    return (n_birth if n_birth > 1 else 0) + 1 + 1 + n_controls + (1 if with_loss else 0)
 
 
 def _summ(name: str, kind: str, layers_edited, s, loss, base_lm: torch.Tensor, seed: int, base_s=None) -> dict:
@@ -122,7 +107,7 @@ def _summ(name: str, kind: str, layers_edited, s, loss, base_lm: torch.Tensor, s
     value, base = float(v[ok].mean()), float(base_lm[ok].mean())
     return {"name": name, "kind": kind, "edited_layers": list(layers_edited), "value": value,
             "per_layer": s.mean, "n_prompts": int(ok.sum()), "baseline": base, "change": value - base,
-            "rel_change": es.relative_change(value, base), "change_ci95": bootstrap_ci((v - base_lm)[ok], seed),
+            "rel_change": es.relative_change(value, base), "change_ci95": stats.bootstrap_ci((v - base_lm)[ok], seed=seed),
             "loss": loss, **loss_effect(s, base_s, seed)}
 
 
@@ -133,7 +118,7 @@ def run_causal(ctx: RunContext, dims_by_layer: dict, later: list[int], baseline_
     births = sorted(dims_by_layer)
     Q, space = bases_for(lm, dims_by_layer)
     base_loss = base_s = None
-    if with_loss and loss_supported():
+    if with_loss:
         base_s, base_loss = sink_pass(ctx, later, desc="baseline (loss)", with_loss=True)
         baseline_pp = base_s.per_prompt
     base_lm = es.later_means(baseline_pp)
@@ -175,10 +160,10 @@ def run_causal(ctx: RunContext, dims_by_layer: dict, later: list[int], baseline_
         base = float(base_lm[ok].mean())
         vals = torch.tensor(ctrl_values, dtype=torch.float64)
         controls = {"n": n_controls, "values": ctrl_values, "mean": float(vals.mean()),
-                    "std": float(vals.std(unbiased=False)), "ci95": bootstrap_ci(vmean[ok], seed),
+                    "std": float(vals.std(unbiased=False)), "ci95": stats.bootstrap_ci(vmean[ok], seed=seed),
                     "baseline": base, "change": float(vals.mean()) - base,
                     "rel_change": es.relative_change(float(vals.mean()), base),
-                    "change_ci95": bootstrap_ci((vmean - base_lm)[ok], seed),
+                    "change_ci95": stats.bootstrap_ci((vmean - base_lm)[ok], seed=seed),
                     "loss": None if any(x is None for x in ctrl_loss) else ctrl_loss,
                     "loss_mean": None if any(x is None for x in ctrl_loss) else sum(ctrl_loss) / len(ctrl_loss),
                     "loss_effect": loss_controls(ctrl_series, base_s, seed),

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import distributed
+from .. import distributed, stats
 from ..capture import Capture
 from ..errors import UsageError
 from ..hooks import locate
@@ -127,7 +127,7 @@ def run_ablate_super_weight(ctx: RunContext, seed: int = 19) -> SuperWeightResul
     bm, am = float(b[ok].mean()), float(a[ok].mean())
     sink = {"baseline": base.mean, "ablated": abl.mean, "baseline_head_var": base.head_var,
             "ablated_head_var": abl.head_var, "baseline_mean": bm, "ablated_mean": am, "change": am - bm,
-            "rel_change": es.relative_change(am, bm), "change_ci95": xa.bootstrap_ci((a - b)[ok], seed),
+            "rel_change": es.relative_change(am, bm), "change_ci95": stats.bootstrap_ci((a - b)[ok], seed=seed),
             "n_prompts": int(ok.sum())}
     loss = {"baseline": base_loss, "ablated": abl_loss, **xa.loss_effect(abl, base, seed)}
     notes = list(ctx.notes)

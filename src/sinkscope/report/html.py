@@ -251,8 +251,6 @@ def _steps_block(r: ExplainResult, level: int) -> str:
                 f"output edited at block(s) {_e(ranges(a['birth_layers']))} (basis: "
                 f"{_e('; '.join(f'L{k}: {v}' for k, v in a['basis_space'].items()))}).</p>",
                 _img(plot_causal(r), "causal plot"), table(*md.causal_rows(r))]
-        if a.get("loss_note"):
-            out.append(f'<p class="small">{_e(a["loss_note"])}</p>')
     b = r.steps["B_geometric"]
     out.append(f"<{h}>(B) geometric</{h}>")
     if b.get("skipped"):
